@@ -1,0 +1,229 @@
+"""The configuration schema shared by every experiment, and its validation.
+
+Each file in `configs/` starts from `base_config()` and changes a few fields, in the
+flax-examples style. `validate()` checks a finished config and raises a ValueError that
+names the field, the value and what is allowed; the trainer, the summary tool and the AOT
+tool call it before building anything, so bad input never costs a compile.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+# Resolutions the networks know. The block tables live with the networks
+# (generator.G_ARCH, discriminator.D_ARCH); this is the user-facing list.
+RESOLUTIONS = (32, 64, 128, 256)
+MODEL_KINDS = ("bigbigan", "biggan")
+ENCODER_ARCHS = ("resnet_v2", "revnet")
+ENCODER_DEPTHS = (50, 26, 14)  # bottleneck units per stage: 50: 3-4-6-3, 26: 2-2-2-2, 14: 1-1-1-1
+DATA_SOURCES = ("tfds", "digits", "folder")
+AUGMENTATIONS = ("resnet", "center", "none")
+TRUNCATIONS = ("resample", "scaled")
+SCORE_REDUCTIONS = ("mean", "sum")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The BigBiGAN paper's recipe (DESIGN.md §3-5); experiment files change what differs."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = "bigbigan"  # "bigbigan": G + E + joint D; "biggan": class-conditional G + D.
+  c.model.resolution = 128  # G's output and D's input.
+  c.model.ch = 96  # Channel width multiplier of G and D.
+  c.model.z_dim = 120  # Split into (#G blocks + 1) equal chunks.
+  c.model.num_classes = 0  # 0: unconditional G (learned constant in the class slot), no projection in D.
+  c.model.shared_dim = 128  # The shared class embedding (or the learned constant).
+  c.model.g_attention_res = 64  # Self-attention after the G block with this output size; 0: none.
+  c.model.d_attention_res = 64  # Self-attention after the D block with this output size; 0: none.
+  c.model.bn_eps = 1e-5
+  c.model.bn_momentum = 0.9  # Decay of the running BN statistics used at evaluation.
+  c.model.sn_eps = 1e-6
+  c.model.dtype = "float32"  # Activations; parameters and optimizer state stay float32.
+  c.model.remat = False  # Rematerialise residual blocks in the backward pass (memory for compute).
+
+  c.model.encoder = ml_collections.ConfigDict()
+  c.model.encoder.arch = "resnet_v2"
+  c.model.encoder.depth = 50
+  c.model.encoder.width_multiplier = 1  # RevNet-50 x4 is width_multiplier=4.
+  c.model.encoder.base_width = 64  # Stem width; bottleneck widths are base, 2x, 4x, 8x (times 4 out).
+  c.model.encoder.resolution = 256  # E's input; D sees real images average-pooled to model.resolution.
+  c.model.encoder.head_width = 4096
+  c.model.encoder.head_layers = 4
+  c.model.encoder.min_stdev = 1e-4  # Added to softplus so z_stdev stays positive in float32.
+
+  c.model.joint = ml_collections.ConfigDict()
+  c.model.joint.h_width = 2048  # H: MLP on z.
+  c.model.joint.h_layers = 8
+  c.model.joint.j_width = 2048  # J: MLP on concat(F(x), H(z)).
+  c.model.joint.j_layers = 8
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.unary_x = True  # The paper's ablation switches for s_x and s_z; s_xz is always on.
+  c.loss.unary_z = True
+  c.loss.score_reduction = "mean"  # "mean" over the active scores (TF-Hub colab), or "sum".
+  c.loss.ortho_beta = 1e-4  # Orthogonal regularisation of G's kernels; 0 turns it off.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.g_lr = 5e-5
+  c.optim.e_lr = 5e-4  # The paper's best rows raise E's learning rate; ours is 10x G's.
+  c.optim.d_lr = 2e-4
+  c.optim.b1 = 0.0
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.d_steps = 2  # D updates per E/G update.
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.9999
+  c.ema.start_step = 20_000  # Before this the EMA copy equals G's weights.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"  # "tfds" (any tfds name), "digits" (embedded, no download), "folder".
+  c.data.name = "imagenet2012"  # tfds name for source="tfds".
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.data_dir = ""  # tfds data_dir; "" uses tfds' default.
+  c.data.folder = ""  # For source="folder": a folder of images, one sub-folder per class.
+  c.data.augment = "resnet"  # Training crop: "resnet" (random resized crop), "center", "none".
+  c.data.random_flip = True
+  c.data.shuffle_buffer = 10_000
+  c.data.prefetch = 2
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.truncation = "resample"  # "resample" (paper) or "scaled" (TF-Hub t * truncnorm[-2, 2]).
+
+  c.batch_size = 2048  # Global, over every device of every host.
+  c.num_train_steps = 500_000
+  c.seed = 0
+  c.mesh = (("data", -1),)  # Axis names and sizes; -1 takes the remaining devices.
+  c.shard_params = False  # Split params and optimiser state over "data" (ZeRO-3 style).
+  c.distributed = False  # Call jax.distributed.initialize() first (multi-host).
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 5_000
+  c.keep_checkpoints = 3
+  c.sample_every_steps = 5_000
+  c.num_sample_images = 64
+  c.eval_every_steps = 0  # 0: no periodic evaluation.
+  c.evals = ()
+  return c
+
+
+def _fail(field: str, value, allowed: str):
+  raise ValueError(f"config.{field}={value!r} is invalid: {allowed}. "
+                   f"Set it in the config file or with --config.{field}=...")
+
+
+def _one_of(config, field: str, allowed):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if value not in allowed:
+    _fail(field, value, "allowed values are " + ", ".join(repr(a) for a in allowed))
+  return value
+
+
+def _positive(config, field: str, integer: bool = True):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if integer:
+    ok = is_number and math.isfinite(value) and int(value) == value and value >= 1
+  else:
+    ok = is_number and math.isfinite(value) and value > 0
+  if not ok:
+    _fail(field, value, "it must be a positive " + ("integer" if integer else "finite number"))
+  return value
+
+
+def num_g_blocks(resolution: int) -> int:
+  """G's residual blocks at a resolution: 4x4 doubled up to it (32 is BGP's 3-block CIFAR net)."""
+  return {32: 3, 64: 4, 128: 5, 256: 6}[resolution]
+
+
+def validate_model(model: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first invalid model field. Cheap: no jax work."""
+  c = ml_collections.ConfigDict({"model": model})
+  kind = _one_of(c, "model.kind", MODEL_KINDS)
+  res = _one_of(c, "model.resolution", RESOLUTIONS)
+  _positive(c, "model.ch")
+  _positive(c, "model.z_dim")
+  _positive(c, "model.shared_dim")
+  _one_of(c, "model.dtype", DTYPES)
+  chunks = num_g_blocks(res) + 1
+  if model.z_dim % chunks:
+    _fail("model.z_dim", model.z_dim,
+          f"at resolution {res} G has {chunks - 1} blocks, so z is split into {chunks} equal "
+          f"chunks and z_dim must be a multiple of {chunks} (e.g. {chunks * 20})")
+  if not isinstance(model.num_classes, int) or model.num_classes < 0:
+    _fail("model.num_classes", model.num_classes, "it must be 0 (unconditional) or a class count")
+  if kind == "biggan" and model.num_classes < 1:
+    _fail("model.num_classes", model.num_classes, "BigGAN is class-conditional: give the class count")
+  for field in ("g_attention_res", "d_attention_res"):
+    value = model[field]
+    allowed = [0] + [res >> i for i in range(num_g_blocks(res)) if res >> i >= 8]
+    if value not in allowed:
+      _fail(f"model.{field}", value, "it must be 0 (no attention) or a feature-map size the "
+            f"network passes through: one of {allowed}")
+  for field in ("bn_eps", "sn_eps"):
+    _positive(c, f"model.{field}", integer=False)
+  if not 0 <= model.bn_momentum < 1:
+    _fail("model.bn_momentum", model.bn_momentum, "it must be in [0, 1)")
+  if kind == "bigbigan":
+    enc = model.encoder
+    _one_of(c, "model.encoder.arch", ENCODER_ARCHS)
+    _one_of(c, "model.encoder.depth", ENCODER_DEPTHS)
+    for field in ("width_multiplier", "base_width", "head_width", "head_layers", "resolution"):
+      _positive(c, f"model.encoder.{field}")
+    if enc.arch == "revnet" and enc.base_width % 2:
+      _fail("model.encoder.base_width", enc.base_width, "RevNet splits channels in two: use an even width")
+    if enc.resolution % res or (enc.resolution // res) & (enc.resolution // res - 1):
+      _fail("model.encoder.resolution", enc.resolution,
+            f"it must be model.resolution ({res}) times a power of two, since D sees real images "
+            "average-pooled from E's input")
+    if enc.resolution < 32:
+      _fail("model.encoder.resolution", enc.resolution, "the ResNet/RevNet trunk needs at least 32")
+    _positive(c, "model.encoder.min_stdev", integer=False)
+    for field in ("h_width", "h_layers", "j_width", "j_layers"):
+      _positive(c, f"model.joint.{field}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Validates a whole experiment config (model, loss, optimiser, data, loop settings)."""
+  validate_model(config.model)
+  _one_of(config, "loss.score_reduction", SCORE_REDUCTIONS)
+  if config.loss.ortho_beta < 0 or not math.isfinite(config.loss.ortho_beta):
+    _fail("loss.ortho_beta", config.loss.ortho_beta, "it must be a finite number >= 0")
+  for field in ("g_lr", "e_lr", "d_lr", "eps"):
+    _positive(config, f"optim.{field}", integer=False)
+  for field in ("b1", "b2"):
+    value = config.optim[field]
+    if not (isinstance(value, (int, float)) and 0 <= value < 1):
+      _fail(f"optim.{field}", value, "Adam's beta must be a finite number in [0, 1)")
+  _positive(config, "optim.d_steps")
+  if not (0 <= config.ema.decay < 1):
+    _fail("ema.decay", config.ema.decay, "it must be in [0, 1)")
+  _one_of(config, "data.source", DATA_SOURCES)
+  _one_of(config, "data.augment", AUGMENTATIONS)
+  _one_of(config, "sample.truncation", TRUNCATIONS)
+  for field in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints", "num_sample_images"):
+    _positive(config, field)
+  if config.data.source == "folder" and not config.data.folder:
+    _fail("data.folder", config.data.folder, "data.source='folder' needs the folder's path")
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:variant]` the way `--config=` does, for tests and notebooks."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file at {path!r}")
+  module_spec = importlib.util.spec_from_file_location("_bigbigan_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
