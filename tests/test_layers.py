@@ -1,0 +1,176 @@
+"""Value tests of the shared layers: spectral norm, (conditional, cross-replica) batch norm,
+self-attention."""
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+from bigbigan_jax import layers
+
+
+def _converge_sn(module, variables, x, steps=60):
+  """Runs `steps` training calls so the power iteration converges; returns the state."""
+  apply = jax.jit(lambda v: module.apply(v, x, train=True, mutable=["spectral"])[1])
+  for _ in range(steps):
+    variables = {**variables, **apply(variables)}
+  return variables
+
+
+def test_spectral_norm_dense_top_singular_value_is_one():
+  module = layers.SNDense(24, use_bias=False, eps=1e-12)
+  x = jnp.eye(40)
+  variables = module.init(jax.random.PRNGKey(0), x, train=False)
+  # A kernel with a spread of singular values, so power iteration has work to do.
+  kernel = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (40, 24))) * np.linspace(
+      0.2, 3.0, 24)
+  variables = {"params": {"dense": {"kernel": jnp.asarray(kernel)}},
+               "spectral": variables["spectral"]}
+  variables = _converge_sn(module, variables, x)
+
+  normalized = np.asarray(module.apply(variables, x, train=False))  # eye @ W/sigma
+  top = np.linalg.svd(normalized, compute_uv=False)[0]
+  assert abs(top - 1.0) < 1e-3
+  sigma = float(variables["spectral"]["sn"]["dense/kernel/sigma"])
+  np.testing.assert_allclose(sigma, np.linalg.svd(kernel, compute_uv=False)[0], rtol=1e-3)
+
+
+def test_spectral_norm_conv_normalises_the_reshaped_kernel():
+  module = layers.SNConv(8, 3, use_bias=False, eps=1e-12)
+  x = jnp.ones((1, 6, 6, 5))
+  variables = _converge_sn(module, module.init(jax.random.PRNGKey(0), x, train=False), x)
+  kernel = np.asarray(variables["params"]["conv"]["kernel"])
+  sigma = np.linalg.svd(kernel.reshape(-1, 8), compute_uv=False)[0]
+  np.testing.assert_allclose(variables["spectral"]["sn"]["conv/kernel/sigma"], sigma, rtol=1e-3)
+  # The layer's output equals a plain convolution with W / sigma.
+  expected = jax.lax.conv_general_dilated(x, kernel / sigma, (1, 1), "SAME",
+                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(module.apply(variables, x, train=False), expected, rtol=2e-3,
+                             atol=1e-5)
+
+
+def test_spectral_norm_state_frozen_in_eval_and_has_no_gradient():
+  module = layers.SNDense(6)
+  x = jax.random.normal(jax.random.PRNGKey(2), (3, 5))
+  variables = module.init(jax.random.PRNGKey(0), x, train=False)
+  _, new_state = module.apply(variables, x, train=False, mutable=["spectral"])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, new_state["spectral"],
+                         variables["spectral"])
+  _, trained = module.apply(variables, x, train=True, mutable=["spectral"])
+  assert not np.allclose(trained["spectral"]["sn"]["dense/kernel/u"],
+                         variables["spectral"]["sn"]["dense/kernel/u"])
+
+  def loss(spectral):
+    return jnp.sum(module.apply({"params": variables["params"], "spectral": spectral}, x,
+                                train=True, mutable=["spectral"])[0] ** 2)
+
+  grads = jax.grad(loss)(variables["spectral"])
+  assert all(np.all(g == 0) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_conditional_bn_with_zero_projections_is_plain_bn():
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 4, 4, 8)) * 3.0 + 1.5
+  cond = jax.random.normal(jax.random.PRNGKey(1), (6, 10))
+  cbn = layers.ConditionalBatchNorm(eps=1e-5)
+  variables = cbn.init(jax.random.PRNGKey(2), x, cond, train=False)
+  params = jax.tree_util.tree_map(jnp.zeros_like, variables["params"])
+  out, state = cbn.apply({**variables, "params": params}, x, cond, train=True,
+                         mutable=["batch_stats", "spectral"])
+  bn = layers.BatchNorm(eps=1e-5)
+  bn_vars = bn.init(jax.random.PRNGKey(3), x, train=False)
+  expected, bn_state = bn.apply(bn_vars, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                         state["batch_stats"], bn_state["batch_stats"])
+  # And both equal the textbook formula with the batch's biased variance.
+  xn = np.asarray(x)
+  ref = (xn - xn.mean((0, 1, 2))) / np.sqrt(xn.var((0, 1, 2)) + 1e-5)
+  np.testing.assert_allclose(out, ref, atol=1e-4)
+  # The running statistics moved by (1 - momentum) towards the batch's.
+  np.testing.assert_allclose(state["batch_stats"]["norm"]["mean"],
+                             0.1 * xn.mean((0, 1, 2)), rtol=1e-5)
+
+
+def test_conditional_bn_gain_is_one_plus_projection():
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 8))
+  cond = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+  cbn = layers.ConditionalBatchNorm(eps=1e-5)
+  variables = cbn.init(jax.random.PRNGKey(2), x, cond, train=False)
+  out = cbn.apply(variables, x, cond, train=False)  # Running stats at init: mean 0, var 1.
+  # Recover W_gamma c and W_beta c from the layer itself on a zero and a unit input.
+  zero = cbn.apply(variables, jnp.zeros_like(x), cond, train=False)  # = W_beta c
+  one = cbn.apply(variables, jnp.ones_like(x) * np.sqrt(1 + 1e-5), cond, train=False)
+  gain = one - zero  # = 1 + W_gamma c
+  np.testing.assert_allclose(out, x / np.sqrt(1 + 1e-5) * gain + zero, atol=1e-5)
+  assert not np.allclose(gain, 1.0)
+
+
+def _mesh8():
+  return Mesh(np.array(jax.devices()[:8]), ("data",))
+
+
+def test_cross_replica_bn_on_8_devices_equals_one_device():
+  assert len(jax.devices()) >= 8, "conftest.py sets 8 CPU devices"
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 8)) * 2.0 + 0.5
+  cond = jax.random.normal(jax.random.PRNGKey(1), (16, 5))
+  cbn = layers.ConditionalBatchNorm()
+  variables = cbn.init(jax.random.PRNGKey(2), x, cond, train=False)
+  step = lambda v, a, c: cbn.apply(v, a, c, train=True, mutable=["batch_stats", "spectral"])
+  single = jax.jit(step)(variables, x, cond)
+
+  mesh = _mesh8()
+  batch = NamedSharding(mesh, P("data"))
+  sharded = jax.jit(step)(variables, jax.device_put(x, batch), jax.device_put(cond, batch))
+  assert len(sharded[0].sharding.device_set) == 8
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         single, sharded)
+  # Per-shard statistics would differ: the shards have different means.
+  per_shard = np.asarray(x).reshape(8, 2, -1, 8).mean((1, 2))
+  assert np.ptp(per_shard, axis=0).max() > 0.1
+
+
+def test_batch_moments_with_axis_name_equals_global():
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 3, 3, 4)) + jnp.arange(16.)[:, None, None,
+                                                                                None]
+  mesh = _mesh8()
+  local = jax.shard_map(lambda a: layers.batch_moments(a, "data"), mesh=mesh,
+                        in_specs=P("data"), out_specs=P())
+  np.testing.assert_allclose(local(x), layers.batch_moments(x), rtol=1e-5)
+
+
+def test_attention_is_identity_at_init_and_matches_formula():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
+  attn = layers.SelfAttention(eps=1e-12)
+  variables = attn.init(jax.random.PRNGKey(1), x, train=False)
+  np.testing.assert_array_equal(attn.apply(variables, x, train=False), x)
+
+  variables = _converge_sn(attn, variables, x)
+  params = {**variables["params"], "gamma": jnp.asarray(0.7)}
+  out = attn.apply({**variables, "params": params}, x, train=False)
+
+  def w(name):  # The spectrally normalised 1x1 kernel as a (C_in, C_out) matrix.
+    k = np.asarray(params[name]["conv"]["kernel"]).reshape(-1, np.shape(
+        params[name]["conv"]["kernel"])[-1])
+    return k / np.linalg.svd(k, compute_uv=False)[0]
+
+  xn = np.asarray(x)
+  pool = lambda a: a.reshape(2, 4, 2, 4, 2, -1).max((2, 4)).reshape(2, 16, -1)
+  theta = (xn @ w("theta")).reshape(2, 64, -1)
+  phi, g = pool(xn @ w("phi")), pool(xn @ w("g"))
+  logits = theta @ phi.transpose(0, 2, 1)
+  beta = np.exp(logits - logits.max(-1, keepdims=True))
+  beta /= beta.sum(-1, keepdims=True)
+  o = (beta @ g).reshape(2, 8, 8, -1) @ w("o")
+  np.testing.assert_allclose(out, xn + 0.7 * o, rtol=2e-3, atol=2e-4)
+
+
+def test_attention_rejects_narrow_inputs():
+  with pytest.raises(ValueError, match="divisible by 8"):
+    layers.SelfAttention().init(jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 12)), train=False)
+
+
+def test_upsample_is_nearest_neighbour():
+  x = jnp.arange(4.).reshape(1, 2, 2, 1)
+  np.testing.assert_array_equal(layers.upsample2(x)[0, :, :, 0],
+                                [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
