@@ -1,0 +1,163 @@
+"""The networks' wiring, checked by value on the tiny configs, and config validation."""
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigbigan_jax import config as config_lib
+from bigbigan_jax import encoder as encoder_lib
+from bigbigan_jax import models
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(variant):
+  config = config_lib.load(str(CONFIGS / f"tiny.py:{variant}"))
+  nets = models.build(config.model)
+  return nets, jax.jit(nets.init, static_argnums=1)(jax.random.PRNGKey(0), 4)
+
+
+def test_generator_hierarchical_z_reaches_only_its_block():
+  nets, variables = _tiny("bigbigan")
+  g = nets.generator
+  gen = jax.jit(lambda v, z: g.apply(v, z, train=False))
+  z = jax.random.normal(jax.random.PRNGKey(1), (4, nets.z_dim))
+  chunk = nets.z_dim // g.num_chunks
+  base = gen(variables["generator"], z)
+  assert base.shape == (4, 32, 32, 3) and base.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(base))) <= 1.0
+
+  def bump(i):  # z with only chunk i changed
+    return z.at[:, i * chunk:(i + 1) * chunk].add(1.0)
+
+  for i in range(g.num_chunks):
+    assert not np.allclose(gen(variables["generator"], bump(i)), base), f"chunk {i} unused"
+
+  # Chunk 2 conditions only block 1: with block 1's CBN projections zeroed it has no effect,
+  # while chunk 1 (block 0) still does.
+  params = variables["generator"]["params"]
+  block1 = dict(params["block_1"])
+  for name in ("cbn1", "cbn2"):
+    block1[name] = jax.tree_util.tree_map(jnp.zeros_like, block1[name])
+  zero_block1 = {**variables["generator"], "params": {**params, "block_1": block1}}
+  ref = gen(zero_block1, z)
+  np.testing.assert_allclose(gen(zero_block1, bump(2)), ref, atol=1e-6)
+  assert not np.allclose(gen(zero_block1, bump(1)), ref)
+
+
+def test_class_conditional_generator_and_discriminator_use_labels():
+  nets, variables = _tiny("biggan")
+  z = jax.random.normal(jax.random.PRNGKey(1), (4, nets.z_dim))
+  y0, y1 = jnp.zeros(4, jnp.int32), jnp.arange(4, dtype=jnp.int32)
+  gen = lambda y: nets.generator.apply(variables["generator"], z, y, train=False)
+  assert not np.allclose(gen(y0)[1:], gen(y1)[1:])
+  np.testing.assert_allclose(gen(y0)[0], gen(y1)[0], atol=1e-6)  # Row 0 has label 0 in both.
+  x = gen(y0)
+  dis = lambda y: nets.discriminator.apply(variables["discriminator"], x, y, train=False)
+  assert dis(y0).shape == (4,)
+  assert not np.allclose(dis(y0)[1:], dis(y1)[1:])
+  with pytest.raises(ValueError, match="class-conditional"):
+    nets.generator.apply(variables["generator"], z, train=False)
+
+
+def test_unconditional_generator_has_a_learned_constant_not_an_embedding():
+  nets, variables = _tiny("bigbigan")
+  params = variables["generator"]["params"]
+  assert "shared" not in params
+  assert params["class_constant"].shape == (8,)
+
+
+def test_joint_discriminator_scores_respond_to_their_inputs():
+  nets, variables = _tiny("bigbigan")
+  d = jax.jit(lambda x, z: nets.discriminator.apply(variables["discriminator"], x, z,
+                                                    train=False))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  z = jax.random.normal(jax.random.PRNGKey(2), (4, nets.z_dim))
+  a, b = d(x, z), d(x, z + 1.0)
+  assert set(a) == {"s_x", "s_z", "s_xz"} and all(v.shape == (4,) for v in a.values())
+  np.testing.assert_array_equal(a["s_x"], b["s_x"])  # s_x sees x only
+  assert not np.allclose(a["s_z"], b["s_z"])
+  assert not np.allclose(a["s_xz"], b["s_xz"])  # the joint score changes with z alone
+  c = d(x * 0.5, z)
+  np.testing.assert_array_equal(a["s_z"], c["s_z"])  # s_z sees z only
+  assert not np.allclose(a["s_xz"], c["s_xz"])
+
+
+def test_encoder_outputs_and_positive_stdev():
+  nets, variables = _tiny("bigbigan")
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 64, 64, 3), minval=-1, maxval=1)
+  enc = lambda v, key: nets.encoder.apply(v, x, train=False, rngs={"noise": key})
+  out = enc(variables["encoder"], jax.random.PRNGKey(2))
+  assert out["avepool_feat"].shape == (4, 128) and out["bn_crelu_feat"].shape == (4, 256)
+  # z_sample = z_mean + z_stdev * eps with eps drawn from the "noise" stream alone.
+  eps = lambda o: (o["z_sample"] - o["z_mean"]) / o["z_stdev"]
+  other_x = nets.encoder.apply(variables["encoder"], x[::-1] * 0.3, train=False,
+                               rngs={"noise": jax.random.PRNGKey(2)})
+  np.testing.assert_allclose(eps(out), eps(other_x), rtol=1e-4, atol=1e-4)
+  assert not np.allclose(eps(out), eps(enc(variables["encoder"], jax.random.PRNGKey(3))))
+  # bn_crelu = [relu(a_hat), relu(-a_hat)]: the halves never overlap, their difference is a_hat.
+  pos, neg = np.split(np.asarray(out["bn_crelu_feat"]), 2, axis=-1)
+  assert np.all(pos * neg == 0)
+  # Even a huge negative pre-activation leaves the stdev positive.
+  params = variables["encoder"]["params"]
+  bias = params["z_params"]["bias"].at[nets.z_dim:].set(-1e4)
+  crushed = {**variables["encoder"],
+             "params": {**params, "z_params": {**params["z_params"], "bias": bias}}}
+  stdev = enc(crushed, jax.random.PRNGKey(2))["z_stdev"]
+  assert np.all(np.asarray(stdev) > 0)
+  assert np.all(np.asarray(out["z_stdev"]) > 0)
+
+
+def test_revnet_unit_is_reversible():
+  unit = encoder_lib.ReversibleUnit(width=8)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 16))
+  variables = unit.init(jax.random.PRNGKey(1), x, False)
+  y = unit.apply(variables, x, False)
+  assert not np.allclose(y, x)
+  np.testing.assert_allclose(unit.apply(variables, y, method="inverse"), x, atol=1e-5)
+
+
+def test_revnet_encoder_shapes():
+  model = config_lib.base_config().model
+  model.encoder.arch, model.encoder.width_multiplier = "revnet", 4
+  nets = models.build(model)
+  shapes = jax.eval_shape(nets.init, jax.random.PRNGKey(0))
+  out = jax.eval_shape(
+      lambda v, x: nets.encoder.apply(v, x, train=False, rngs={"noise": jax.random.PRNGKey(0)}),
+      shapes["encoder"], *nets.example_inputs(2)["encoder"])
+  assert out["avepool_feat"].shape == (2, 8192)
+  assert out["bn_crelu_feat"].shape == (2, 16384)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("resolution", 48, "model.resolution=48"),
+    ("z_dim", 121, "multiple of 6"),
+    ("ch", 0, "model.ch=0"),
+    ("kind", "vae", "model.kind"),
+    ("g_attention_res", 24, "model.g_attention_res"),
+    ("encoder.arch", "vgg", "'resnet_v2', 'revnet'"),
+    ("encoder.depth", 101, "model.encoder.depth"),
+    ("encoder.resolution", 192, "model.encoder.resolution"),
+])
+def test_invalid_model_settings_raise_before_init(field, value, message):
+  model = config_lib.base_config().model
+  target = model
+  *parents, leaf = field.split(".")
+  for p in parents:
+    target = target[p]
+  target[leaf] = value
+  with pytest.raises(ValueError, match=message) as error:
+    models.build(model)
+  assert "config.model." in str(error.value)  # names the field to fix
+
+
+def test_biggan_needs_classes():
+  model = config_lib.base_config().model
+  model.kind = "biggan"
+  with pytest.raises(ValueError, match="num_classes"):
+    models.build(model)
