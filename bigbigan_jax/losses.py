@@ -1,0 +1,99 @@
+"""Hinge losses of BigGAN and BigBiGAN, and BigGAN's orthogonal regularisation.
+
+Sign conventions (DESIGN.md §4). BigGAN: D pushes real scores above +1 and fake scores below
+-1; G raises the scores of its samples. BigBiGAN: D scores encoder pairs (x, E(x)) high and
+generator pairs (G(z), z) low, each of s_x, s_z, s_xz hinged separately; E lowers the scores
+of its pairs and G raises the scores of its own, through one shared loss.
+
+BigBiGAN's scale: with `reduction="mean"` (the default) the per-score terms are averaged over
+the active scores, which is exactly the TF-Hub colab's loss (it concatenates the three scores
+before taking the mean). `reduction="sum"` adds them, 3x larger with all three active.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+SCORES = ("s_x", "s_z", "s_xz")
+
+
+def d_hinge(real_scores: jax.Array, fake_scores: jax.Array) -> jax.Array:
+  """BigGAN's D loss: mean(relu(1 - D(x))) + mean(relu(1 + D(G(z))))."""
+  return jnp.mean(jax.nn.relu(1.0 - real_scores)) + jnp.mean(jax.nn.relu(1.0 + fake_scores))
+
+
+def g_hinge(fake_scores: jax.Array) -> jax.Array:
+  """BigGAN's G loss: -mean(D(G(z)))."""
+  return -jnp.mean(fake_scores)
+
+
+def active_scores(unary_x: bool = True, unary_z: bool = True) -> tuple[str, ...]:
+  """The scores that enter the BigBiGAN losses; the joint s_xz always does."""
+  return tuple(s for s, on in zip(SCORES, (unary_x, unary_z, True)) if on)
+
+
+def _weight(scores: tuple[str, ...], reduction: str) -> float:
+  if reduction not in ("mean", "sum"):
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+  return 1.0 / len(scores) if reduction == "mean" else 1.0
+
+
+def bigbigan_d_loss(enc: Mapping[str, jax.Array], gen: Mapping[str, jax.Array], *,
+                    unary_x: bool = True, unary_z: bool = True, reduction: str = "mean"):
+  """D's loss on encoder pairs `enc` (y=+1) and generator pairs `gen` (y=-1).
+
+  L_D = w · Σ_s [mean(relu(1 - s_enc)) + mean(relu(1 + s_gen))], w = 1/#scores for "mean".
+
+  Args:
+    enc: scores of (x, E(x)) pairs, {"s_x", "s_z", "s_xz"} each of shape (B,).
+    gen: scores of (G(z), z) pairs, same keys.
+    unary_x, unary_z: include s_x / s_z (the paper's ablation switches).
+    reduction: "mean" over the active scores (TF-Hub colab) or "sum".
+
+  Returns:
+    (loss, terms) where terms holds each score's hinge term, unweighted.
+  """
+  scores = active_scores(unary_x, unary_z)
+  w = _weight(scores, reduction)
+  terms = {f"d_{s}": d_hinge(enc[s], gen[s]) for s in scores}
+  return w * sum(terms.values()), terms
+
+
+def bigbigan_eg_loss(enc: Mapping[str, jax.Array], gen: Mapping[str, jax.Array], *,
+                     unary_x: bool = True, unary_z: bool = True, reduction: str = "mean"):
+  """The shared E/G loss: L_EG = w · Σ_s [mean(s_enc) - mean(s_gen)].
+
+  E's parameters reach only the encoder-pair scores (it lowers them), G's only the
+  generator-pair scores (it raises them).
+
+  Returns:
+    (loss, {"e_loss": w · Σ mean(s_enc), "g_loss": -w · Σ mean(s_gen)}).
+  """
+  scores = active_scores(unary_x, unary_z)
+  w = _weight(scores, reduction)
+  e_loss = w * sum(jnp.mean(enc[s]) for s in scores)
+  g_loss = -w * sum(jnp.mean(gen[s]) for s in scores)
+  return e_loss + g_loss, {"e_loss": e_loss, "g_loss": g_loss}
+
+
+def orthogonal_regularizer(params, beta: float) -> jax.Array:
+  """BigGAN's R = β Σ_W ‖WᵀW ⊙ (1 - I)‖²_F over every kernel of ≥ 2 dims.
+
+  W is the kernel reshaped to (fan_in, out), so the penalty decorrelates output filters
+  without fixing their norms. Only leaves named "kernel" count: biases, BN affines, the
+  attention gate, the learned class constant and the shared class embedding ("embedding",
+  DESIGN.md §4) are exempt. Apply it to G's raw (pre-spectral-norm) parameters.
+  """
+  total = jnp.zeros((), jnp.float32)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = getattr(path[-1], "key", None)
+    if name != "kernel" or leaf.ndim < 2:
+      continue
+    w = leaf.reshape(-1, leaf.shape[-1]).astype(jnp.float32)
+    gram = w.T @ w
+    off_diagonal = gram * (1.0 - jnp.eye(gram.shape[0], dtype=gram.dtype))
+    total = total + jnp.sum(jnp.square(off_diagonal))
+  return beta * total

@@ -1,0 +1,99 @@
+"""Losses against numbers computed by hand, signs included."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigbigan_jax import losses
+
+
+def test_biggan_hinge_values():
+  real = jnp.array([2.0, 0.5, -1.0])
+  fake = jnp.array([-2.0, 0.0, 1.0])
+  # relu(1 - real) = [0, .5, 2] → 5/6; relu(1 + fake) = [0, 1, 2] → 1.
+  np.testing.assert_allclose(losses.d_hinge(real, fake), 5 / 6 + 1, rtol=1e-6)
+  np.testing.assert_allclose(losses.g_hinge(fake), 1 / 3, rtol=1e-6)  # -mean([-2, 0, 1])
+  # D lowers its loss by raising real and lowering fake scores; G by raising fake scores.
+  d_real, d_fake = jax.grad(losses.d_hinge, argnums=(0, 1))(real, fake)
+  assert np.all(d_real <= 0) and np.all(d_fake >= 0)
+  assert np.all(jax.grad(losses.g_hinge)(fake) < 0)
+
+
+ENC = {"s_x": jnp.array([1.5, -0.5]), "s_z": jnp.array([0.0, 2.0]),
+       "s_xz": jnp.array([0.5, 3.0])}
+GEN = {"s_x": jnp.array([-2.0, 0.5]), "s_z": jnp.array([1.0, -1.0]),
+       "s_xz": jnp.array([-0.5, 0.0])}
+
+
+def test_bigbigan_d_loss_values():
+  # Per score: mean(relu(1 - enc)) + mean(relu(1 + gen)).
+  # s_x: mean(0, 1.5) + mean(0, 1.5) = 1.5; s_z: mean(1, 0) + mean(2, 0) = 1.5;
+  # s_xz: mean(0.5, 0) + mean(0.5, 1) = 1.0.
+  loss, terms = losses.bigbigan_d_loss(ENC, GEN, reduction="sum")
+  np.testing.assert_allclose([terms["d_s_x"], terms["d_s_z"], terms["d_s_xz"]], [1.5, 1.5, 1.0])
+  np.testing.assert_allclose(loss, 4.0)
+  np.testing.assert_allclose(losses.bigbigan_d_loss(ENC, GEN)[0], 4.0 / 3)  # "mean" (colab)
+  loss, terms = losses.bigbigan_d_loss(ENC, GEN, unary_x=False, unary_z=False)
+  assert set(terms) == {"d_s_xz"}
+  np.testing.assert_allclose(loss, 1.0)
+  np.testing.assert_allclose(losses.bigbigan_d_loss(ENC, GEN, unary_z=False)[0], 2.5 / 2)
+
+
+def test_bigbigan_d_loss_matches_tf_hub_colab_formula():
+  # The colab concatenates [s_xz, s_x, s_z] and takes one mean per pair type.
+  enc = np.concatenate([ENC["s_xz"], ENC["s_x"], ENC["s_z"]])
+  gen = np.concatenate([GEN["s_xz"], GEN["s_x"], GEN["s_z"]])
+  colab = np.mean(np.maximum(0, 1 - enc)) + np.mean(np.maximum(0, 1 + gen))
+  np.testing.assert_allclose(losses.bigbigan_d_loss(ENC, GEN)[0], colab, rtol=1e-6)
+  loss, terms = losses.bigbigan_eg_loss(ENC, GEN)
+  np.testing.assert_allclose(terms["e_loss"], np.mean(enc), rtol=1e-6)
+  np.testing.assert_allclose(terms["g_loss"], -np.mean(gen), rtol=1e-6)
+
+
+def test_bigbigan_eg_loss_values_and_signs():
+  loss, terms = losses.bigbigan_eg_loss(ENC, GEN, reduction="sum")
+  # enc means: 0.5 + 1.0 + 1.75 = 3.25; gen means: -0.75 + 0 - 0.25 = -1.0.
+  np.testing.assert_allclose(terms["e_loss"], 3.25)
+  np.testing.assert_allclose(terms["g_loss"], 1.0)
+  np.testing.assert_allclose(loss, 4.25)
+  g_enc, g_gen = jax.grad(lambda e, g: losses.bigbigan_eg_loss(e, g)[0], argnums=(0, 1))(ENC, GEN)
+  # Descending the loss lowers every encoder-pair score and raises every generator-pair one.
+  assert all(np.all(v > 0) for v in g_enc.values())
+  assert all(np.all(v < 0) for v in g_gen.values())
+  _, terms = losses.bigbigan_eg_loss(ENC, GEN, unary_x=False, reduction="sum")
+  np.testing.assert_allclose(terms["e_loss"], 1.0 + 1.75)
+
+
+def test_bad_reduction_is_rejected():
+  with pytest.raises(ValueError, match="reduction"):
+    losses.bigbigan_d_loss(ENC, GEN, reduction="max")
+
+
+def _numpy_ortho(kernels, beta):
+  total = 0.0
+  for k in kernels:
+    w = k.reshape(-1, k.shape[-1])
+    m = w.T @ w
+    total += np.sum((m * (1 - np.eye(len(m)))) ** 2)
+  return beta * total
+
+
+def test_orthogonal_regularizer_matches_numpy_and_skips_exempt_leaves():
+  rng = np.random.default_rng(0)
+  params = {
+      "linear": {"dense": {"kernel": rng.normal(size=(5, 7)), "bias": rng.normal(size=7)}},
+      "block": {"conv": {"kernel": rng.normal(size=(3, 3, 4, 6))}},
+      "shared": {"embedding": rng.normal(size=(10, 4))},
+      "gamma": np.float32(2.0),
+  }
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+  expected = _numpy_ortho([np.asarray(params["linear"]["dense"]["kernel"]),
+                           np.asarray(params["block"]["conv"]["kernel"])], 1e-4)
+  np.testing.assert_allclose(losses.orthogonal_regularizer(params, 1e-4), expected, rtol=1e-5)
+
+
+def test_orthogonal_regularizer_is_zero_for_orthogonal_kernels():
+  q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(12, 5)))
+  params = {"dense": {"kernel": jnp.asarray(q * 3.0, jnp.float32)}}  # Scale is not penalised.
+  assert float(losses.orthogonal_regularizer(params, 1.0)) < 1e-8
