@@ -1,0 +1,45 @@
+"""The smallest networks that exercise every code path: for tests and quick checks.
+
+`configs/tiny.py` is a BigBiGAN (E at 2x G's resolution, so D sees pooled images);
+`configs/tiny.py:biggan` a class-conditional BigGAN. Trains on the embedded digits.
+"""
+
+from bigbigan_jax.config import base_config
+
+
+def get_config(variant: str = "bigbigan"):
+  config = base_config()
+  model = config.model
+  model.kind = variant
+  model.num_classes = 10 if variant == "biggan" else 0
+  model.resolution = 32
+  model.ch = 4  # Blocks of 16 channels; attention needs a multiple of 8.
+  model.z_dim = 8
+  model.shared_dim = 8
+  model.g_attention_res = 16
+  model.d_attention_res = 16
+  model.encoder.depth = 14
+  model.encoder.base_width = 4
+  model.encoder.resolution = 64
+  model.encoder.head_width = 16
+  model.encoder.head_layers = 2
+  model.joint.h_width = model.joint.j_width = 16
+  model.joint.h_layers = model.joint.j_layers = 2
+
+  config.data.source = "digits"
+  config.data.augment = "none"
+  config.data.random_flip = False
+  config.data.shuffle_buffer = 64
+
+  config.optim.d_steps = 2
+  config.ema.start_step = 2
+  config.ema.decay = 0.9
+
+  config.batch_size = 8
+  config.num_train_steps = 4
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.keep_checkpoints = 2
+  config.sample_every_steps = 2
+  config.num_sample_images = 4
+  return config
