@@ -1,0 +1,291 @@
+"""Tests of the input pipeline on data the tests make themselves (nothing is downloaded)."""
+
+import json
+
+import numpy as np
+from PIL import Image
+import pytest
+from sklearn import datasets
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from bigbigan_jax import config as config_lib
+from bigbigan_jax import input_pipeline
+
+TINY_TRAIN, TINY_TEST = 41, 11
+
+
+class BigbiganTestTiny(tfds.core.GeneratorBasedBuilder):
+  """A tfds dataset written to a temporary data_dir; label = example index, to trace examples."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(24, 20, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=64),
+        }),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {"train": self._generate_examples(TINY_TRAIN, 0),
+            "test": self._generate_examples(TINY_TEST, 1)}
+
+  def _generate_examples(self, n, salt):
+    rng = np.random.default_rng(salt)
+    for i in range(n):
+      yield i, {"image": rng.integers(0, 256, (24, 20, 3), dtype=np.uint8), "label": i}
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds_dir(tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  BigbiganTestTiny(data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return data_dir
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """12 PNGs in two class folders, in several sizes and modes (RGB, grey, RGBA)."""
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(["cat", "dog"]):
+    (root / name).mkdir()
+    for i in range(6):
+      h, w = 20 + 4 * i, 28 - 2 * i
+      pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+      image = Image.fromarray(pixels)
+      image = image.convert(["RGB", "L", "RGBA"][(i + c) % 3])
+      image.save(root / name / f"{i}.png")
+  return str(root)
+
+
+def make_config(**data):
+  c = config_lib.base_config()
+  c.model.kind = "bigbigan"
+  c.model.resolution = 32
+  c.model.encoder.resolution = 32
+  c.batch_size = 8
+  c.data.source = "digits"
+  c.data.prefetch = 1
+  c.data.shuffle_buffer = 64
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def take(config, n, **kwargs):
+  kwargs.setdefault("process_index", 0)
+  kwargs.setdefault("process_count", 1)
+  it = input_pipeline.create_input_iter(config, **kwargs)
+  return it, [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def check_batch(batch, local, res, mask=False):
+  assert set(batch) == ({"image", "label", "mask"} if mask else {"image", "label"})
+  assert batch["image"].shape == (local, res, res, 3)
+  assert batch["image"].dtype == np.float32
+  assert batch["label"].shape == (local,) and batch["label"].dtype == np.int32
+  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  if mask:
+    assert batch["mask"].shape == (local,) and batch["mask"].dtype == bool
+
+
+def test_digits_look_like_the_sklearn_digits():
+  # BigBiGAN: E's resolution (64), not G's (32).
+  c = make_config(augment="none", random_flip=False)
+  c.model.encoder.resolution = 64
+  it, [batch] = take(c, 1, train=False, split="train")
+  check_batch(batch, 8, 64, mask=True)
+  assert batch["mask"].all()
+  digits = datasets.load_digits()
+  np.testing.assert_array_equal(batch["label"], digits.target[:8])
+  # Back to 8x8 by block averages, the bicubic upscale must match the originals closely.
+  small = batch["image"].reshape(8, 8, 8, 8, 8, 3).mean(axis=(2, 4))
+  np.testing.assert_allclose(small[..., 0], small[..., 2])  # Grey copied to RGB.
+  for got, want in zip(small[..., 0], digits.images[:8]):
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95
+  assert it.num_examples == 1500 and it.class_names == tuple("0123456789")
+
+
+def test_digits_train_stream_and_biggan_resolution():
+  c = make_config(augment="resnet", random_flip=True)
+  c.model.kind = "biggan"
+  c.model.encoder.resolution = 64  # Ignored by BigGAN.
+  it, batches = take(c, 2)
+  for b in batches:
+    check_batch(b, 8, 32)
+    assert set(b["label"]) <= set(range(10))
+  state = it.get_state()
+  assert json.loads(json.dumps(state)) == state and state["step"] == 2
+
+
+def test_digits_eval_pads_with_mask():
+  c = make_config(augment="center")
+  c.batch_size = 16
+  got = {}
+  for p in range(2):
+    it = input_pipeline.create_input_iter(c, train=False, split="test", process_index=p,
+                                          process_count=2)
+    batches = list(it)
+    assert len(batches) == it.num_batches == 19  # ceil(ceil(297 / 2) / 8)
+    check_batch(batches[-1], 8, 32, mask=True)
+    got[p] = sum(int(b["mask"].sum()) for b in batches)
+    assert not batches[-1]["image"][~batches[-1]["mask"]].any()  # Padding is zeros.
+  assert got == {0: 149, 1: 148}
+
+
+def test_seed_determinism():
+  c = make_config(augment="resnet", random_flip=True)
+  _, a = take(c, 2)
+  _, b = take(c, 2)
+  assert_batches_equal(a, b)
+  c.seed = 1
+  _, d = take(c, 2)
+  assert not np.array_equal(a[0]["image"], d[0]["image"])
+
+
+def test_folder_source(image_folder):
+  c = make_config(source="folder", folder=image_folder, augment="resnet")
+  it, batches = take(c, 3)
+  for b in batches:
+    check_batch(b, 8, 32)
+  assert it.class_names == ("cat", "dog") and it.num_examples == 12
+  # 3 batches of 8 = two full passes over the 12 images: each label 12 times in all.
+  labels = np.concatenate([b["label"] for b in batches])
+  assert np.bincount(labels).tolist() == [12, 12]
+
+
+def test_folder_without_class_folders_is_label_zero(tmp_path):
+  for i in range(3):
+    Image.fromarray(np.full((9, 7, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.JPG")
+  c = make_config(source="folder", folder=str(tmp_path), augment="none", random_flip=False)
+  it, [b] = take(c, 1, train=False)
+  check_batch(b, 8, 32, mask=True)
+  assert it.class_names is None and b["label"].tolist() == [0] * 8
+  assert b["mask"].tolist() == [True] * 3 + [False] * 5
+
+
+def test_folder_resume_across_epochs(image_folder):
+  # 12 images, batch 8: step 2 starts 4 images into the second epoch.
+  c = make_config(source="folder", folder=image_folder, augment="resnet", random_flip=True)
+  _, straight = take(c, 5)
+  it, first = take(c, 2)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["epoch"] == 1
+  _, rest = take(c, 3, start_state=state)
+  assert_batches_equal(straight, first + rest)
+
+
+def test_process_split_matches_the_single_process_batch(image_folder):
+  c = make_config(source="folder", folder=image_folder, augment="resnet", random_flip=True)
+  _, whole = take(c, 3)
+  _, p0 = take(c, 3, process_index=0, process_count=2)
+  _, p1 = take(c, 3, process_index=1, process_count=2)
+  for w, a, b in zip(whole, p0, p1):
+    check_batch(a, 4, 32)
+    for k in w:
+      np.testing.assert_array_equal(w[k], np.concatenate([a[k], b[k]]))
+
+
+def test_tfds_source_with_mock_data():
+  c = make_config(source="tfds", name="mnist", train_split="train", eval_split="test")
+  c.model.kind = "biggan"
+  with tfds.testing.mock_data(num_examples=20):
+    _, batches = take(c, 3)
+    for b in batches:
+      check_batch(b, 8, 32)
+      assert b["label"].max() < 10
+      np.testing.assert_array_equal(b["image"][..., 0], b["image"][..., 1])  # Grey to RGB.
+    it = input_pipeline.create_input_iter(c, train=False, process_index=0, process_count=1)
+    evals = list(it)
+  assert len(evals) == 3 and sum(int(b["mask"].sum()) for b in evals) == 20
+
+
+def test_tfds_resume_mid_epoch(tiny_tfds_dir):
+  # 41 examples, batch 16: 2 steps per epoch; stopping after 3 resumes inside epoch 1.
+  c = make_config(source="tfds", name="bigbigan_test_tiny", data_dir=tiny_tfds_dir,
+                  train_split="train", augment="resnet", random_flip=True)
+  c.batch_size = 16
+  it, straight = take(c, 5)
+  assert it.steps_per_epoch == 2
+  for b in straight:
+    check_batch(b, 16, 32)
+  # An epoch never repeats an example, and the next epoch has another order.
+  epoch0 = np.concatenate([b["label"] for b in straight[:2]])
+  epoch1 = np.concatenate([b["label"] for b in straight[2:4]])
+  assert len(set(epoch0)) == 32 and len(set(epoch1)) == 32
+  assert not np.array_equal(epoch0, epoch1)
+  it, first = take(c, 3)
+  _, rest = take(c, 2, start_state=it.get_state())
+  assert_batches_equal(straight, first + rest)
+
+
+def test_tfds_processes_read_disjoint_shards(tiny_tfds_dir):
+  c = make_config(source="tfds", name="bigbigan_test_tiny", data_dir=tiny_tfds_dir,
+                  train_split="train", eval_split="test", augment="none")
+  labels = []
+  for p in range(2):
+    it, batches = take(c, 5, process_index=p, process_count=2)  # One epoch: 20 // 4 steps.
+    labels.append(np.concatenate([b["label"] for b in batches]))
+    check_batch(batches[0], 4, 32)
+  assert len(set(labels[0]) | set(labels[1])) == 40  # Disjoint, no repeats, 1 dropped.
+  # Evaluation covers every example exactly once over both processes, padded to equal length.
+  seen = []
+  for p in range(2):
+    batches = list(input_pipeline.create_input_iter(c, train=False, process_index=p,
+                                                    process_count=2))
+    assert len(batches) == 2  # ceil(ceil(11 / 2) / 4)
+    seen += [int(l) for b in batches for l, m in zip(b["label"], b["mask"]) if m]
+  assert sorted(seen) == list(range(TINY_TEST))
+
+
+def test_crop_window_stays_inside_the_image():
+  for shape in [(100, 60, 3), (24, 20, 3), (8, 8, 3), (500, 375, 3)]:
+    for s in range(25):
+      y, x, h, w = input_pipeline.crop_window(tf.constant(shape), "resnet", 32,
+                                              tf.constant([s, 7], tf.int64)).numpy()
+      assert 0 <= y and 0 <= x and h >= 1 and w >= 1
+      assert y + h <= shape[0] and x + w <= shape[1]
+  center = input_pipeline.crop_window(tf.constant([500, 375, 3]), "center", 256).numpy()
+  assert center.tolist() == [84, 21, 333, 333]  # 375 * 256 / 288, centred.
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (50, 70, 3)), tf.uint8)
+  out = input_pipeline.preprocess_image(image, "decoded", mode="resnet", resolution=32,
+                                        seed=tf.constant([1, 2], tf.int64), flip=True)
+  assert out.shape == (32, 32, 3) and -1 <= out.numpy().min() <= out.numpy().max() <= 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(batch_size=9), "not divisible by the process count 2"),
+    (dict(source="folder", folder="/nonexistent/images"), "does not exist"),
+    (dict(source="folder", folder="EMPTY"), "has no images: expected files ending in .png"),
+    (dict(source="tfds", name="no_such_dataset_xyz"), "tfds has no dataset 'no_such_dataset_xyz'"),
+    (dict(source="tfds", name="bigbigan_test_tiny", train_split="validation"),
+     "has no split 'validation'"),
+    (dict(source="tfds", name="mnist", data_dir="EMPTY"), "is not prepared"),
+    (dict(source="digits", train_split="dev"), "digits source has no split 'dev'"),
+])
+def test_errors(change, message, tmp_path, tiny_tfds_dir):
+  (tmp_path / "notes.txt").write_text("not an image")
+  c = make_config(data_dir=tiny_tfds_dir)
+  for k, v in change.items():
+    v = str(tmp_path) if v == "EMPTY" else v
+    if k == "batch_size":
+      c.batch_size = v
+    else:
+      c.data[k] = v
+  with pytest.raises(ValueError, match=message):
+    input_pipeline.create_input_iter(c, process_index=0, process_count=2)
