@@ -1,0 +1,67 @@
+r"""Trains BigBiGAN or BigGAN: the command-line entry point.
+
+  python -m bigbigan_jax.main --config=configs/digits.py --workdir=/tmp/digits
+  python -m bigbigan_jax.main --config=configs/bigbigan_resnet50.py --workdir=gs://b/run \
+      --config.distributed=True --config.data.data_dir=gs://b/tensorflow_datasets
+
+Any config field can be overridden with --config.FIELD=VALUE (see configs/*.py and
+bigbigan_jax/config.py for every field). A second run with the same --workdir resumes from
+its newest checkpoint. All logic lives in `bigbigan_jax.train`, which tests and notebooks
+import; this file only parses flags.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Registers the command-line flags; called only when this module runs as a program."""
+  config_flags.DEFINE_config_file(
+      "config", None,
+      "Experiment config: a file in configs/ (a variant may follow a colon, e.g. "
+      "configs/digits.py:biggan). Override fields with --config.FIELD=VALUE.",
+      lock_config=True)
+  flags.DEFINE_string(
+      "workdir", None,
+      "Directory (local or gs://) for checkpoints, TensorBoard events and PNG sample grids. "
+      "If it holds a checkpoint, training resumes from it.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  if config.distributed:
+    # On TPU pods every argument comes from the environment.
+    jax.distributed.initialize()
+  # Deferred so that TensorFlow (used for input and summaries) sees no accelerator.
+  from bigbigan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax import train  # pylint: disable=g-import-not-at-top
+  input_pipeline.hide_accelerators_from_tf()
+  metric_writer.quiet_library_logs()
+  logging.info("JAX: process %d of %d, %d local and %d global devices (%s).",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  try:
+    train.train_and_evaluate(config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as error:
+    # Bad input and diverged runs end with the message alone: it names the problem and the fix.
+    logging.error("%s", error)
+    sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,97 @@
+"""The device mesh and how arrays are laid out on it.
+
+Data parallelism: every batch is split along its example axis over the mesh's "data" axis,
+across every device of every host. The train state is replicated, or, with
+`config.shard_params`, each parameter and optimiser slot is split over "data" along its
+largest divisible dimension (ZeRO-3/FSDP style); XLA gathers what a layer needs on the fly.
+Either way the math is the same, and batch statistics are global because the reductions run
+on globally sharded arrays inside `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA = "data"
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """Builds a Mesh from `config.mesh`, e.g. (("data", -1),); -1 takes the remaining devices.
+
+  Raises:
+    ValueError: the axis sizes do not multiply to the device count, or "data" is missing.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  names = tuple(name for name, _ in mesh_config)
+  sizes = [int(size) for _, size in mesh_config]
+  if DATA not in names:
+    raise ValueError(f"config.mesh={tuple(mesh_config)} has no {DATA!r} axis; the batch is "
+                     f"split over it. Use e.g. config.mesh=(('data', -1),)")
+  known = math.prod(s for s in sizes if s != -1)
+  if sizes.count(-1) > 1 or len(devices) % known:
+    raise ValueError(f"config.mesh={tuple(mesh_config)} does not fit {len(devices)} devices: "
+                     "give at most one -1 and sizes whose product divides the device count")
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"config.mesh={tuple(mesh_config)} covers {math.prod(sizes)} devices but "
+                     f"{len(devices)} are present; use -1 for the data axis")
+  return Mesh(mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True),
+              names)
+
+
+def data_size(mesh: Mesh) -> int:
+  return mesh.shape[DATA]
+
+
+def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+  """Splits the example axis (after `leading_axes` unsplit axes) over "data"."""
+  return NamedSharding(mesh, P(*([None] * leading_axes), DATA))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _param_spec(shape, n: int) -> P:
+  """Shards the largest dimension divisible by n; small or indivisible leaves replicate."""
+  if n == 1 or not shape or math.prod(shape) < 1024:  # Tiny leaves: not worth a gather.
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % n == 0:
+      spec = [None] * len(shape)
+      spec[dim] = DATA
+      return P(*spec)
+  return P()
+
+
+def state_sharding(mesh: Mesh, abstract_state, shard_params: bool = False):
+  """NamedShardings for a (abstract) train state: replicated, or sharded over "data"."""
+  n = data_size(mesh)
+
+  def leaf(x):
+    if not shard_params:
+      return replicated(mesh)
+    return NamedSharding(mesh, _param_spec(tuple(getattr(x, "shape", ())), n))
+
+  return jax.tree_util.tree_map(leaf, abstract_state)
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
+  """Raises a ValueError that names the fix when the batch cannot be split evenly."""
+  n = mesh.devices.size
+  per_process = jax.process_count()
+  if global_batch % n:
+    lower, upper = global_batch // n * n, -(-global_batch // n) * n
+    raise ValueError(
+        f"config.batch_size={global_batch} is not divisible by the {n} devices it is split "
+        f"over; use a multiple of {n} (e.g. --config.batch_size={upper or n}"
+        + (f" or {lower}" if lower else "") + ")")
+  if global_batch % per_process:
+    raise ValueError(f"config.batch_size={global_batch} is not divisible by the "
+                     f"{per_process} processes that each feed a slice of it")

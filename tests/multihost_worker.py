@@ -1,0 +1,42 @@
+"""One process of the multi-host test (tests/test_multihost.py runs it; not a test itself).
+
+  python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES LOCAL_DEVICES PORT WORKDIR OUT
+
+Trains the tiny BigBiGAN for 2 steps with the real trainer, input pipeline included: each
+process reads and feeds only its own slice of the global batch. Process 0 writes the final
+parameters to OUT (.npz).
+"""
+
+import os
+import sys
+
+process_id, num_processes, local_devices, port = map(int, sys.argv[1:5])
+workdir, out = sys.argv[5:7]
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if num_processes > 1:
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                             num_processes=num_processes, process_id=process_id)
+
+import numpy as np  # noqa: E402
+
+from bigbigan_jax import config as config_lib  # noqa: E402
+from bigbigan_jax import train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+config = config_lib.load(os.path.join(ROOT, "configs", "tiny.py"))
+config.optim.eps = 1e-4  # See test_train.test_step_on_8_devices_equals_1_device.
+config.num_train_steps = 2
+config.sample_every_steps = 100  # Previews are not what this test compares.
+assert jax.device_count() == 4 and jax.process_count() == num_processes
+
+state = train.train_and_evaluate(config, workdir)
+leaves = jax.tree_util.tree_leaves_with_path(state.params)
+arrays = {jax.tree_util.keystr(path): np.asarray(jax.device_get(x)) for path, x in leaves}
+if jax.process_index() == 0:
+  np.savez(out, **arrays)
+print(f"process {process_id}: done", flush=True)

@@ -1,0 +1,237 @@
+"""The train step and loop on the tiny config: sharding equivalence, resume, checkpoints
+across device counts, errors before compiling, divergence handling, the entry point."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bigbigan_jax import benchmark
+from bigbigan_jax import checkpoint as checkpoint_lib
+from bigbigan_jax import config as config_lib
+from bigbigan_jax import models
+from bigbigan_jax import sharding
+from bigbigan_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_TO_GLOBAL = train.to_global
+
+
+def tiny(variant="bigbigan", **overrides):
+  config = config_lib.load(str(ROOT / f"configs/tiny.py:{variant}"))
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x, np.float64))
+                         for x in jax.tree_util.tree_leaves(tree)])
+
+
+def _one_step(config, num_devices):
+  nets = models.build(config.model)
+  mesh = sharding.make_mesh((("data", num_devices),), jax.devices()[:num_devices])
+  abstract = train.abstract_train_state(nets, config, mesh)
+  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  r, d = nets.encoder_resolution, config.optim.d_steps
+  local = {"image": rng.uniform(-1, 1, (d, config.batch_size, r, r, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, (d, config.batch_size)).astype(np.int32)}
+  state, metrics = train.make_train_step(nets, config, mesh, abstract)(
+      state, train.to_global(local, config, nets, mesh))
+  jax.block_until_ready(metrics)
+  return state, jax.device_get(metrics)
+
+
+def test_step_on_8_devices_equals_1_device():
+  # Adam's first update is about lr * sign(grad): with the default eps=1e-8 a gradient that is
+  # ~0 on both sides can flip sign under a different summation order and move a weight by
+  # 2 * lr. A larger eps keeps the comparison about the step's math, not that amplification.
+  config = tiny(optim__eps=1e-4)
+  one, m1 = _one_step(config, 1)
+  eight, m8 = _one_step(config, 8)
+  for name in one.params:
+    np.testing.assert_allclose(_flat(eight.params[name]), _flat(one.params[name]), rtol=1e-4,
+                               atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(_flat(eight.model_state), _flat(one.model_state), rtol=1e-4,
+                             atol=1e-6)
+  for key in m1:
+    np.testing.assert_allclose(m8[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  # The step did move everything it trains.
+  init = train.init_train_state(jax.random.PRNGKey(0), nets=models.build(config.model),
+                                config=config)
+  for name in one.params:
+    assert not np.allclose(_flat(one.params[name]), _flat(init.params[name])), name
+  assert {"d_loss", "eg_loss", "e_loss", "g_loss", "ortho_loss", "d_accuracy", "grad_norm/d",
+          "grad_norm/g", "grad_norm/e", "score/real_s_xz", "score/fake_s_x",
+          "sigma0/g_first", "sigma0/d_last"} <= set(m1)
+  assert all(np.isfinite(v) for v in m1.values())
+
+
+def test_biggan_step_trains_g_and_d_and_ema_tracks_g():
+  config = tiny("biggan", ema__start_step=0, ema__decay=0.5)
+  nets = models.build(config.model)
+  init = train.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
+  state, metrics = _one_step(config, 1)
+  assert set(state.params) == {"generator", "discriminator"}
+  assert {"score/real", "score/fake", "g_loss"} <= set(metrics)
+  # From start_step on, ema = decay * ema + (1 - decay) * new params.
+  expected = 0.5 * _flat(init.ema_params) + 0.5 * _flat(state.params["generator"])
+  np.testing.assert_allclose(_flat(state.ema_params), expected, rtol=1e-5, atol=1e-7)
+
+
+class _Recorder:
+  """Wraps train.to_global to keep every step's local batch."""
+
+  def __init__(self, monkeypatch, poison_step=None):
+    self.batches = []
+    original = _TO_GLOBAL
+
+    def record(local, *args):
+      self.batches.append({k: np.copy(v) for k, v in local.items()})
+      if poison_step is not None and len(self.batches) == poison_step:
+        local = {**local, "image": np.full_like(local["image"], np.nan)}
+      return original(local, *args)
+
+    monkeypatch.setattr(train, "to_global", record)
+
+
+def test_resume_gives_the_same_params_and_batches(tmp_path, monkeypatch):
+  straight = _Recorder(monkeypatch)
+  final_straight = train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "a"))
+
+  resumed = _Recorder(monkeypatch)
+  train.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "b"))
+  assert checkpoint_lib.read_latest(str(tmp_path / "b"))[0] == 3
+  final_resumed = train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "b"))
+
+  assert int(final_resumed.step) == int(final_straight.step) == 6
+  assert len(resumed.batches) == len(straight.batches) == 6
+  for a, b in zip(straight.batches, resumed.batches):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+  np.testing.assert_array_equal(_flat(final_resumed.params), _flat(final_straight.params))
+  np.testing.assert_array_equal(_flat(final_resumed.ema_params), _flat(final_straight.ema_params))
+  np.testing.assert_array_equal(_flat(final_resumed.opt_ge), _flat(final_straight.opt_ge))
+
+  # What the workdir holds: checkpoints (keep 2), PNG grids, TensorBoard events.
+  b = tmp_path / "b"
+  assert sorted(os.listdir(b / "checkpoints")) == ["4", "6"]
+  assert (b / "samples" / "step_0000006.png").exists()
+  assert (b / "reconstructions" / "step_0000006.png").exists()
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(b / "tensorboard"))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  _Recorder(monkeypatch, poison_step=3)
+  with pytest.raises(FloatingPointError, match="step 3") as error:
+    train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path))
+  assert "last good checkpoint is step 2" in str(error.value)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
+  config = tiny(shard_params=True)
+  nets = models.build(config.model)
+  mesh8 = sharding.make_mesh((("data", 8),), jax.devices()[:8])
+  abstract8 = train.abstract_train_state(nets, config, mesh8)
+  state = train.make_init_fn(nets, config, abstract8)(jax.random.PRNGKey(3))
+  sharded = [x for x in jax.tree_util.tree_leaves(state) if not x.sharding.is_fully_replicated]
+  assert sharded, "shard_params splits the larger leaves over the 8 devices"
+  ckpt = checkpoint_lib.Checkpoints(str(tmp_path), config)
+  ckpt.save(7, state, {"step": 7}, force=True)
+  ckpt.wait()
+
+  mesh4 = sharding.make_mesh((("data", 4),), jax.devices()[:4])
+  restored = checkpoint_lib.Checkpoints(str(tmp_path), config).restore(
+      7, train.abstract_train_state(nets, config, mesh4))
+  np.testing.assert_array_equal(_flat(restored), _flat(state))
+  devices = {d for x in jax.tree_util.tree_leaves(restored) for d in x.sharding.device_set}
+  assert devices == set(jax.devices()[:4])
+
+
+def _listing(path):
+  return sorted((str(p.relative_to(path)), p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"batch_size": 12}, "batch_size=12 is not divisible by the 8 devices"),
+    ({"optim__d_lr": float("nan")}, "config.optim.d_lr=nan"),
+    ({"data__source": "tfds", "data__name": "no_such_dataset"}, "no dataset 'no_such_dataset'"),
+    ({"data__source": "folder", "data__folder": "/nonexistent"}, "does not exist"),
+])
+def test_bad_input_fails_before_anything_is_written(tmp_path, overrides, message):
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny(**overrides), str(workdir))
+  assert not workdir.exists()
+
+
+def test_empty_image_folder_is_rejected(tmp_path):
+  (tmp_path / "images" / "cats").mkdir(parents=True)
+  (tmp_path / "images" / "cats" / "notes.txt").write_text("no images here")
+  with pytest.raises(ValueError, match="has no images"):
+    train.prepare(tiny(data__source="folder", data__folder=str(tmp_path / "images")),
+                  str(tmp_path / "run"))
+
+
+def test_checkpoint_of_another_model_is_refused_untouched(tmp_path):
+  config = tiny()
+  nets = models.build(config.model)
+  mesh = sharding.make_mesh((("data", -1),))
+  abstract = train.abstract_train_state(nets, config, mesh)
+  ckpt = checkpoint_lib.Checkpoints(str(tmp_path), config)
+  ckpt.save(5, train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0)), {"step": 5},
+            force=True)
+  ckpt.wait()
+  before = _listing(tmp_path)
+  with pytest.raises(ValueError, match=r"different model:\n  model.ch: checkpoint 4 vs config 8"):
+    train.train_and_evaluate(tiny(model__ch=8), str(tmp_path))
+  assert _listing(tmp_path) == before
+  # Settings that do not change what is stored may differ on resume.
+  step, _ = checkpoint_lib.check_compatible(str(tmp_path), tiny(model__remat=True))
+  assert step == 5
+
+
+def test_benchmark_reports_its_figures():
+  result = benchmark.run(tiny("biggan"), steps=2, warmup=0)
+  assert result["compile_s"] > 0 and result["step_s"] > 0
+  assert result["images_per_s"] == pytest.approx(8 * 2 / result["step_s"])
+  assert result["peak_host_memory_mb"] > 100
+
+
+def _run_main(*args, timeout=600):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "bigbigan_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_entry_point_trains_and_writes_the_workdir(tmp_path):
+  workdir = tmp_path / "run"
+  out = _run_main("--config=configs/tiny.py:biggan", f"--workdir={workdir}",
+                  "--config.num_train_steps=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "step 2/2 | d_loss" in out.stderr
+  assert (workdir / "samples" / "step_0000002.png").exists()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+  assert (workdir / "config.json").exists()
+
+
+def test_entry_point_reports_bad_input_and_help(tmp_path):
+  out = _run_main("--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+                  "--config.batch_size=3")
+  assert out.returncode != 0
+  assert "error: config.batch_size=3 is not divisible" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not (tmp_path / "run").exists()
+  out = _run_main("--help")
+  assert "--workdir" in out.stdout and "--config" in out.stdout and "resumes" in out.stdout
