@@ -25,6 +25,10 @@ AUGMENTATIONS = ("resnet", "center", "none")
 TRUNCATIONS = ("resample", "scaled")
 SCORE_REDUCTIONS = ("mean", "sum")
 DTYPES = ("float32", "bfloat16")
+# Evaluators `config.evals` may name (bigbigan_jax/evaluators.py): "linear_probe" (BigBiGAN
+# only: a linear classifier on E's frozen features), "fid" (FID and Inception Score of G).
+EVALUATORS = ("linear_probe", "fid")
+PROBE_FEATURES = ("avepool_feat", "bn_crelu_feat")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -108,8 +112,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.sample_every_steps = 5_000
   c.num_sample_images = 64
-  c.eval_every_steps = 0  # 0: no periodic evaluation.
-  c.evals = ()
+  c.eval_every_steps = 0  # Run config.evals every this many steps (0: only at the end).
+  c.evals = ()  # Names from EVALUATORS; the trainer runs them, and `--mode=eval` (all if empty).
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256  # Examples per compiled G/E/Inception call (global).
+  c.eval.seed = 0  # Latents of the FID samples; the probe's minibatch order.
+  # Linear probe (BigBiGAN): frozen E features of config.data's probe_train_split, a softmax
+  # classifier on them, top-1/top-5 on probe_test_split (the paper: train / validation).
+  c.eval.probe_train_split = "train"
+  c.eval.probe_test_split = "validation"
+  # First N examples of each split (0: all). Features stay in host memory: ImageNet's whole
+  # train split as ResNet-50 bn_crelu_feat is ~40 GB.
+  c.eval.probe_max_examples = 0
+  c.eval.probe_features = PROBE_FEATURES
+  c.eval.probe_steps = 500  # AdamW steps, cosine-decayed learning rate.
+  c.eval.probe_lr = 1e-2
+  c.eval.probe_weight_decay = 1e-4
+  c.eval.probe_batch_size = 0  # 0: full batch.
+  c.eval.probe_baselines = False  # Also probe raw pixels and a freshly initialised E.
+  # FID and Inception Score of G (EMA weights) against statistics of real data.
+  c.eval.inception_path = ""  # FID Inception weights (.npz); see bigbigan_jax/inception.py.
+  c.eval.num_samples = 50_000  # The papers' count.
+  c.eval.is_splits = 10
+  c.eval.truncation = 0.0  # 0: z ~ N(0, I); else truncated with sample.truncation's method.
+  c.eval.standing_stats_batches = 0  # >0: re-estimate G's BN statistics first (BigGAN's way).
+  c.eval.fid_reference_split = "train"
+  c.eval.fid_reference_examples = 50_000  # First N of the split (0: all).
+  c.eval.fid_stats_path = ""  # Cached reference statistics; "": WORKDIR/eval/fid_reference_*.npz.
   return c
 
 
@@ -216,6 +246,49 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config, field)
   if config.data.source == "folder" and not config.data.folder:
     _fail("data.folder", config.data.folder, "data.source='folder' needs the folder's path")
+  validate_eval(config)
+
+
+def _non_negative(config, field: str, integer: bool = True):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  ok = is_number and math.isfinite(value) and value >= 0
+  if not ok or (integer and int(value) != value):
+    _fail(field, value, "it must be " + ("an integer" if integer else "a finite number") + " >= 0")
+  return value
+
+
+def validate_eval(config: ml_collections.ConfigDict) -> None:
+  """Checks config.evals, config.eval_every_steps and config.eval.*."""
+  evals = config.evals
+  if isinstance(evals, str) or not all(isinstance(name, str) for name in evals):
+    _fail("evals", evals, "give a tuple of evaluator names, e.g. ('linear_probe', 'fid')")
+  for name in evals:
+    if name not in EVALUATORS:
+      _fail("evals", evals, f"{name!r} is not an evaluator; allowed values are "
+            + ", ".join(repr(a) for a in EVALUATORS))
+  if "linear_probe" in evals and config.model.kind != "bigbigan":
+    _fail("evals", evals, "'linear_probe' probes the encoder's features, and only "
+          "model.kind='bigbigan' has an encoder")
+  _non_negative(config, "eval_every_steps")
+  for field in ("batch_size", "num_samples", "is_splits", "probe_steps"):
+    _positive(config, f"eval.{field}")
+  for field in ("probe_max_examples", "probe_batch_size", "fid_reference_examples",
+                "standing_stats_batches"):
+    _non_negative(config, f"eval.{field}")
+  _positive(config, "eval.probe_lr", integer=False)
+  _non_negative(config, "eval.probe_weight_decay", integer=False)
+  _non_negative(config, "eval.truncation", integer=False)
+  if config.eval.is_splits > config.eval.num_samples:
+    _fail("eval.is_splits", config.eval.is_splits,
+          f"it must not exceed eval.num_samples ({config.eval.num_samples})")
+  features = config.eval.probe_features
+  if (isinstance(features, str) or not features
+      or any(f not in PROBE_FEATURES for f in features)):
+    _fail("eval.probe_features", features, "give a non-empty tuple of "
+          + ", ".join(repr(f) for f in PROBE_FEATURES))
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

@@ -1,15 +1,21 @@
 r"""Trains BigBiGAN or BigGAN: the command-line entry point.
 
   python -m bigbigan_jax.main --config=configs/digits.py --workdir=/tmp/digits
+  python -m bigbigan_jax.main --mode=eval --config=configs/digits.py --workdir=/tmp/digits \
+      --config.eval.probe_baselines=True
   python -m bigbigan_jax.main --config=configs/bigbigan_resnet50.py --workdir=gs://b/run \
       --config.distributed=True --config.data.data_dir=gs://b/tensorflow_datasets
 
 Any config field can be overridden with --config.FIELD=VALUE (see configs/*.py and
 bigbigan_jax/config.py for every field). A second run with the same --workdir resumes from
-its newest checkpoint. All logic lives in `bigbigan_jax.train`, which tests and notebooks
-import; this file only parses flags.
+its newest checkpoint. `--mode=eval` evaluates a workdir's checkpoint instead (config.evals,
+or every evaluator that applies when that is empty; see bigbigan_jax/evaluators.py) and writes
+the results to WORKDIR/eval/step_<step>.json and TensorBoard. All logic lives in
+`bigbigan_jax.train` and `bigbigan_jax.evaluators`, which tests and notebooks import; this
+file only parses flags.
 """
 
+import json
 import os
 import sys
 
@@ -35,6 +41,10 @@ def define_flags():
       "workdir", None,
       "Directory (local or gs://) for checkpoints, TensorBoard events and PNG sample grids. "
       "If it holds a checkpoint, training resumes from it.")
+  flags.DEFINE_enum(
+      "mode", "train", ["train", "eval"],
+      "train: train (or resume) in --workdir. eval: run the evaluators on its checkpoint.")
+  flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint's step (default: the newest).")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -46,6 +56,7 @@ def main(argv):
     # On TPU pods every argument comes from the environment.
     jax.distributed.initialize()
   # Deferred so that TensorFlow (used for input and summaries) sees no accelerator.
+  from bigbigan_jax import evaluators  # pylint: disable=g-import-not-at-top
   from bigbigan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from bigbigan_jax import metric_writer  # pylint: disable=g-import-not-at-top
   from bigbigan_jax import train  # pylint: disable=g-import-not-at-top
@@ -55,7 +66,15 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:
-    train.train_and_evaluate(config, FLAGS.workdir)
+    if FLAGS.mode == "eval":
+      results = evaluators.evaluate(config, FLAGS.workdir, FLAGS.step)
+      if jax.process_index() == 0:
+        print(json.dumps(results, indent=2, sort_keys=True))
+    else:
+      if FLAGS.step is not None:
+        raise ValueError("--step only applies to --mode=eval; training resumes from the "
+                         "newest checkpoint")
+      train.train_and_evaluate(config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as error:
     # Bad input and diverged runs end with the message alone: it names the problem and the fix.
     logging.error("%s", error)

@@ -426,12 +426,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Trains (or resumes training) in `workdir` up to config.num_train_steps.
 
   The workdir receives checkpoints/ (orbax), tensorboard/ (event files), samples/ (EMA G at
-  fixed z) and, for BigBiGAN, reconstructions/ (real | G(E(x))) as PNG grids.
+  fixed z) and, for BigBiGAN, reconstructions/ (real | G(E(x))) as PNG grids. config.evals
+  run every config.eval_every_steps and at the end, into eval/ (JSON) and TensorBoard.
 
   Returns:
     The final train state.
   """
   nets, mesh, resume_step, train_iter = prepare(config, workdir)
+  # Deferred: evaluators builds inference.Model, and inference imports this module.
+  from bigbigan_jax import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
+  # FID without Inception weights is skipped with one warning here, not a crash hours in.
+  evals = evaluators_lib.build(config, workdir, skip_unavailable=True)
   primary = jax.process_index() == 0
   ckpt = checkpoint_lib.Checkpoints(workdir, config)
   abstract_state = abstract_train_state(nets, config, mesh)
@@ -484,6 +489,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if step % config.checkpoint_every_steps == 0 or last or stop:
         _check_finite(jax.device_get(metrics), step, ckpt)
         ckpt.save(step, state, train_iter.get_state(), force=True)
+      # After the save: an evaluation that fails loses no training.
+      if evals and (last or (config.eval_every_steps and step % config.eval_every_steps == 0)):
+        evaluators_lib.report(step, evaluators_lib.run_on_state(evals, nets, state, config),
+                              workdir, writer)
+        progress.start(step)  # The next rate leaves the evaluation's time out.
       if stop:
         logging.warning("Stopped at step %d for preemption; the checkpoint is saved. Rerun "
                         "the same command to resume.", step)

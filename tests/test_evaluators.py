@@ -1,0 +1,245 @@
+"""The evaluators: config checks, the linear probe on separable data, FID/IS with stand-in
+Inception weights (reference statistics cached), and `main --mode=eval` end to end.
+
+No real Inception weights exist offline: a random file of the real variables' names and shapes
+stands in for them, which is enough to check the plumbing (FID of a set against itself is 0
+whatever the network)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from bigbigan_jax import config as config_lib
+from bigbigan_jax import evaluators
+from bigbigan_jax import inception
+from bigbigan_jax import inference
+from bigbigan_jax import models
+from bigbigan_jax import sharding
+from bigbigan_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def tiny(variant="bigbigan"):
+  return config_lib.load(str(ROOT / f"configs/tiny.py:{variant}"))
+
+
+@pytest.fixture(scope="module")
+def fresh_model():
+  """A freshly initialised tiny BigBiGAN on 2 devices (evaluators need no training)."""
+  config = tiny()
+  nets = models.build(config.model)
+  mesh = sharding.make_mesh((("data", 2),), jax.devices()[:2])
+  abstract = train.abstract_train_state(nets, config, mesh)
+  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+  return inference.from_state(nets, state, config, batch_size=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks.
+
+
+def test_unknown_or_inapplicable_evaluator_is_rejected(tmp_path):
+  config = tiny()
+  config.evals = ("linear_probe", "fdi")
+  with pytest.raises(ValueError, match="'fdi' is not an evaluator; allowed values are "
+                     "'linear_probe', 'fid'"):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match="unknown evaluator 'fdi'.*'linear_probe', 'fid'"):
+    evaluators.build(tiny(), str(tmp_path), names=("fdi",))
+  biggan = tiny("biggan")
+  biggan.evals = ("linear_probe",)
+  with pytest.raises(ValueError, match="only model.kind='bigbigan' has an encoder"):
+    config_lib.validate(biggan)
+  config = tiny()
+  config.eval.probe_features = ("avepool",)
+  with pytest.raises(ValueError, match="config.eval.probe_features"):
+    config_lib.validate(config)
+  config = tiny()
+  config.eval.num_samples, config.eval.is_splits = 5, 10
+  with pytest.raises(ValueError, match="config.eval.is_splits"):
+    config_lib.validate(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear probe.
+
+
+def _colour_folder(root: pathlib.Path, per_class: int = 8) -> None:
+  """Three classes of 8x8 images: noisy red, green and blue squares (linearly separable)."""
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(("red", "green", "blue")):
+    (root / name).mkdir(parents=True)
+    for i in range(per_class):
+      image = rng.uniform(0, 60, (8, 8, 3))
+      image[..., c] += 180
+      Image.fromarray(image.astype(np.uint8)).save(root / name / f"{i}.png")
+
+
+def test_linear_probe_separates_separable_classes(tmp_path, fresh_model):
+  _colour_folder(tmp_path / "colours")
+  config = tiny()
+  config.data.source, config.data.folder = "folder", str(tmp_path / "colours")
+  config.evals = ("linear_probe",)
+  config.eval.batch_size = 16
+  config.eval.probe_steps = 50
+  config.eval.probe_baselines = True
+  probe, = evaluators.build(config, str(tmp_path))
+  results = evaluators.run([probe], fresh_model)
+  names = ["avepool_feat", "bn_crelu_feat", "pixels", "random_encoder/avepool_feat",
+           "random_encoder/bn_crelu_feat"]
+  assert set(results) == {f"probe/{n}/{k}" for n in names for k in ("top1", "top5", "train_top1")}
+  # The folder source is one split, so train = test here: the point is separability.
+  assert results["probe/pixels/top1"] == 1.0
+  for n in names:
+    assert 0.9 <= results[f"probe/{n}/top1"] <= results[f"probe/{n}/top5"] == 1.0, n
+
+
+# ---------------------------------------------------------------------------------------------
+# FID / IS.
+
+
+def test_fid_without_weights_says_which_file_and_how_to_make_it(tmp_path):
+  config = tiny()
+  config.evals = ("fid",)
+  with pytest.raises(evaluators.MissingInceptionWeights,
+                     match="config.eval.inception_path is empty.*python -m "
+                     "bigbigan_jax.inception --convert_from="):
+    evaluators.build(config, str(tmp_path))
+  config.eval.inception_path = str(tmp_path / "nowhere.npz")
+  with pytest.raises(FileNotFoundError, match="nowhere.npz' names no file"):
+    evaluators.build(config, str(tmp_path))
+  # The trainer's way: skipped (with a warning), the other evaluators kept.
+  config.evals = ("linear_probe", "fid")
+  built = evaluators.build(config, str(tmp_path), skip_unavailable=True)
+  assert [e.name for e in built] == ["linear_probe"]
+
+
+def _random_inception_weights(path: pathlib.Path) -> None:
+  """Random weights with the FID Inception's names and shapes, activations kept O(1)."""
+  rng = np.random.default_rng(0)
+  flat = {}
+  for name, shape in inception.variable_shapes().items():
+    leaf = name.rsplit("/", 1)[-1]
+    if leaf == "kernel":
+      value = rng.normal(0, np.sqrt(2.0 / np.prod(shape[:-1])), shape)
+    elif leaf in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, shape)
+    else:
+      value = rng.normal(0, 0.1, shape)
+    flat[name] = value.astype(np.float32)
+  np.savez(path, **flat)
+
+
+class _RealsAsSamples:
+  """Stands in for a Model whose G draws exactly the reference images."""
+
+  def __init__(self, images, mesh):
+    self.images, self.mesh = images, mesh
+    self.z_dim, self.num_classes = 8, 0
+
+  def generate(self, z, labels=None):
+    assert labels is None
+    return self.images[:len(z)]
+
+
+def test_fid_of_the_reference_set_with_itself_is_zero_and_stats_are_cached(tmp_path,
+                                                                           monkeypatch):
+  weights = tmp_path / "inception_fid.npz"
+  _random_inception_weights(weights)
+  config = tiny()
+  config.evals = ("fid",)
+  config.eval.inception_path = str(weights)
+  config.eval.batch_size = 8
+  config.eval.num_samples = config.eval.fid_reference_examples = 8
+  config.eval.is_splits = 2
+  workdir = str(tmp_path / "run")
+  fid, = evaluators.build(config, workdir)
+  reals = np.concatenate([x for x, _ in evaluators.real_batches(config, "train", 8)])
+  reals = np.asarray(train.pool_for_discriminator(reals, config.model.resolution))
+  mesh = sharding.make_mesh((("data", 8),))
+  # FID's sqrtm of a singular 2048x2048 product takes ~30 s here; that math has its own tests
+  # (test_metrics). What this checks: the evaluator hands it the samples' and the reference's
+  # statistics, equal here, so FID is 0.
+  compared = []
+  monkeypatch.setattr(evaluators.metrics_lib, "fid_from_stats",
+                      lambda *stats: compared.append(stats) or 0.0)
+  results = fid.run(_RealsAsSamples(reals, mesh))
+  assert set(results) == {"fid", "inception_score", "inception_score_std"}
+  (mu1, sigma1, mu2, sigma2), = compared
+  assert mu1.shape == (2048,) and sigma1.shape == (2048, 2048)
+  np.testing.assert_allclose(mu1, mu2, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(sigma1, sigma2, rtol=1e-5, atol=1e-6)
+  assert results["inception_score"] >= 1.0 and np.isfinite(results["inception_score_std"])
+  path = fid.stats_path()
+  assert path == os.path.join(workdir, "eval", "fid_reference_digits_train_32px_8.npz")
+  assert os.path.isfile(path)
+
+  # A new evaluator reads the cache and touches no real data.
+  def no_data(*args, **kwargs):
+    raise AssertionError("the cached statistics should have been used")
+  monkeypatch.setattr(evaluators, "real_batches", no_data)
+  again, = evaluators.build(config, workdir)
+  mu, sigma = again.reference_stats(mesh)
+  mu0, sigma0 = fid.reference_stats(mesh)
+  np.testing.assert_array_equal(mu, mu0)
+  np.testing.assert_array_equal(sigma, sigma0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point.
+
+
+def _run_main(*args, timeout=600):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "bigbigan_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_then_eval_mode_end_to_end(tmp_path):
+  workdir = tmp_path / "run"
+  small_probe = ["--config.eval.probe_max_examples=32", "--config.eval.probe_steps=20",
+                 "--config.eval.batch_size=16"]
+  # Training runs config.evals at the end; FID without weights is skipped, not fatal.
+  out = _run_main("--config=configs/tiny.py", f"--workdir={workdir}",
+                  "--config.num_train_steps=2", "--config.evals=('linear_probe','fid')",
+                  *small_probe)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Skipping the 'fid' evaluator" in out.stderr
+  trained = json.loads((workdir / "eval" / "step_0000002.json").read_text())
+  assert trained["step"] == 2 and "probe/avepool_feat/top1" in trained["results"]
+  assert (workdir / "reconstructions" / "step_0000002.png").exists()
+
+  os.remove(workdir / "eval" / "step_0000002.json")
+  out = _run_main("--mode=eval", "--config=configs/tiny.py", f"--workdir={workdir}",
+                  "--config.eval.probe_baselines=True", *small_probe)
+  assert out.returncode == 0, out.stderr[-3000:]
+  printed = json.loads(out.stdout[out.stdout.index("{"):])
+  saved = json.loads((workdir / "eval" / "step_0000002.json").read_text())
+  assert saved["results"] == printed
+  for name in ("avepool_feat", "bn_crelu_feat", "pixels", "random_encoder/avepool_feat"):
+    assert 0.0 <= printed[f"probe/{name}/top1"] <= printed[f"probe/{name}/top5"] <= 1.0
+  tags = {value.tag for name in os.listdir(workdir / "tensorboard")
+          for event in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / name))
+          for value in event.summary.value}
+  assert "eval/probe/random_encoder/bn_crelu_feat/top5" in tags
+
+
+def test_eval_mode_fails_before_any_work(tmp_path):
+  """What `main --mode=eval` reports as `error: ...` (main's handling is tested in
+  test_train), raised before a checkpoint is read or anything is written."""
+  config = tiny()
+  config.evals = ("fid",)
+  with pytest.raises(evaluators.MissingInceptionWeights, match="inception_path is empty"):
+    evaluators.evaluate(config, str(tmp_path / "none"))
+  with pytest.raises(FileNotFoundError, match="no checkpoint in .*train one first"):
+    evaluators.evaluate(tiny(), str(tmp_path / "none"))
+  assert not (tmp_path / "none").exists()
