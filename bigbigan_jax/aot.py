@@ -1,0 +1,498 @@
+r"""Compiles the trainer's real step for a Cloud TPU slice on any host, and says if it fits.
+
+  python -m bigbigan_jax.aot --config=configs/bigbigan_resnet50.py --topology=v3-128
+  python -m bigbigan_jax.aot --config=configs/tiny.py --topology=v4-8 --json
+  python -m bigbigan_jax.aot --config=configs/biggan_128.py --topology=v4-64 \
+      --config.batch_size=1024 --config.model.remat=False
+
+No TPU is needed: libtpu (`pip install -e '.[tpu]'`) compiles for compile-only devices of
+the named topology, the way XLA would on the slice itself. The train state comes from
+`jax.eval_shape`, so nothing is allocated; the step is `train.make_train_step`'s, at the
+config's global batch, on a mesh over every device of the slice.
+
+Reported, per device unless said otherwise:
+  * HBM: arguments, outputs, temporaries and the donated bytes that outputs reuse (aliased);
+    total = arguments + outputs + temporaries - aliased, against the device's capacity.
+  * FLOPs of one step from the compiled program (XLA's cost analysis is of the per-device
+    SPMD program) against `bigbigan_jax.flops`' analytic count of what one device should run:
+    its share of the batch's work (with remat's recompute when model.remat is on) plus the
+    spectral-norm and orthogonal-regulariser work every replica repeats.
+  * XLA's cost-model time for the step ("optimal_seconds") and the FLOP utilisation it
+    implies against the chips' peak bf16 rate: model-FLOP utilisation counts the model's
+    FLOPs once per slice (no recompute, no replicated work), hardware utilisation the
+    compiled FLOPs. It is the compiler's estimate, not a measurement: use
+    `bigbigan_jax.benchmark` on the slice for that.
+Exits with status 1 when the step does not fit (XLA reports RESOURCE_EXHAUSTED, or the total
+exceeds the capacity) and names the config fields that reduce memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+
+# Compile-only TPU devices need no TPU runtime; the CPU platform keeps jax from looking for
+# one, and libtpu's host-wide lock must not stop a second compile (or a test) beside it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from bigbigan_jax import config as config_lib  # noqa: E402
+from bigbigan_jax import flops as flops_lib  # noqa: E402
+from bigbigan_jax import models  # noqa: E402
+from bigbigan_jax import sharding as sharding_lib  # noqa: E402
+from bigbigan_jax import train  # noqa: E402
+
+GiB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------
+# Cloud TPU slices.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """One TPU generation: how its Cloud names count, its JAX devices, and a chip's figures.
+
+  Attributes:
+    topology_prefix: the generation in libtpu's topology names ("v5e:4x4").
+    name_counts_cores: Cloud names count TensorCores (v2-v5p: "v3-8" is 4 chips), not chips
+      (v5e, v6e: "v6e-8" is 8 chips).
+    devices_per_chip: JAX devices per chip: v2 and v3 expose each of their 2 TensorCores; v4
+      and v5p run their 2 as one "megacore" device; v5e and v6e have one TensorCore.
+    mesh_dims: 2 (2D torus) or 3 (3D torus/mesh) chip coordinates.
+    chip_config: libtpu's chip configuration ("megacore" fuses a chip's two cores).
+    hbm_gib: HBM per chip (GiB).
+    peak_tflops: peak bf16 dense TFLOP/s per chip.
+  """
+
+  topology_prefix: str
+  name_counts_cores: bool
+  devices_per_chip: int
+  mesh_dims: int
+  chip_config: str
+  hbm_gib: float
+  peak_tflops: float
+
+
+# Per-chip figures from cloud.google.com/tpu/docs/{v3,v4,v5e,v5p,v6e} ("Peak compute per
+# chip", "HBM capacity"); v2 (not in its page's table) from the TPU v2/v3 paper, Jouppi et al.,
+# "A Domain-Specific Supercomputer for Training Deep Neural Networks" (CACM 2020):
+# 16 GiB and 45 TFLOP/s per chip. Device counts checked against libtpu's compile-only
+# topologies (see `slice_devices`).
+GENERATIONS = {
+    "v2": Generation("v2", True, 2, 2, "default", 16, 45),
+    "v3": Generation("v3", True, 2, 2, "default", 32, 123),
+    "v4": Generation("v4", True, 1, 3, "megacore", 32, 275),
+    "v5p": Generation("v5p", True, 1, 3, "megacore", 95, 459),
+    "v5e": Generation("v5e", False, 1, 2, "default", 16, 197),
+    "v6e": Generation("v6e", False, 1, 2, "default", 32, 918),
+}
+ALIASES = {"v5litepod": "v5e"}  # Cloud's accelerator type for v5e.
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+  """A slice to compile for, as libtpu names it, with per-device capacity and peak."""
+
+  name: str  # As given, e.g. "v3-128".
+  generation: str  # Key of GENERATIONS.
+  shape: tuple  # Chips along each torus axis.
+  devices_per_chip: int
+  chip_config: str
+  hbm_bytes_per_device: float
+  peak_flops_per_device: float
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def num_devices(self) -> int:
+    return self.chips * self.devices_per_chip
+
+  @property
+  def topology(self) -> str:
+    """libtpu's topology name, e.g. "v4:2x4x4"."""
+    prefix = GENERATIONS[self.generation].topology_prefix
+    return f"{prefix}:{'x'.join(str(d) for d in self.shape)}"
+
+
+def _chip_shape(chips: int, dims: int) -> tuple:
+  """The slice shape Cloud TPU gives a power-of-two chip count: each doubling doubles the
+  last of the smallest axes (v4: 4 → 2x2x1, 8 → 2x2x2, 32 → 2x4x4, 64 → 4x4x4; 2D:
+  64 → 8x8, 128 → 8x16)."""
+  shape = [1] * dims
+  if dims == 3:  # The smallest 3D slice is one host's 2x2x1 chips.
+    shape, chips = [2, 2, 1], chips // 4
+  while chips > 1:
+    smallest = min(shape)
+    axis = max(i for i, s in enumerate(shape) if s == smallest)
+    shape[axis] *= 2
+    chips //= 2
+  return tuple(shape)
+
+
+def _usage(message: str):
+  names = ("v2-8 .. v2-512, v3-8 .. v3-2048, v4-8 .. v4-4096, v5p-8 ..., v5litepod-N or "
+           "v5e-N (N = 1, 4, 8, .., 256), v6e-N; or a libtpu topology such as v4:2x4x4")
+  raise ValueError(f"{message}. Known slices: {names}")
+
+
+def parse_slice(name: str) -> TpuSlice:
+  """Maps a Cloud TPU accelerator type ("v3-128", "v5litepod-16") or a libtpu topology
+  ("v4:2x4x4") to the slice to compile for.
+
+  Raises:
+    ValueError: an unknown generation, or a size that is not a Cloud slice of it.
+  """
+  m = re.fullmatch(r"(v\d[a-z]*)(?::(\d+(?:x\d+)*)|-(\d+))", name.strip().lower())
+  if not m:
+    _usage(f"--topology={name!r} is neither a Cloud TPU type like v3-128 nor a topology like "
+           "v4:2x4x4")
+  gen_name = ALIASES.get(m.group(1), m.group(1))
+  if gen_name == "v5" and m.group(2):
+    gen_name = "v5p"  # libtpu spells v5p topologies "v5:2x2x1" too.
+  if gen_name not in GENERATIONS:
+    _usage(f"--topology={name!r}: unknown TPU generation {m.group(1)!r}")
+  gen = GENERATIONS[gen_name]
+  if m.group(2):
+    shape = tuple(int(d) for d in m.group(2).split("x"))
+    if len(shape) != gen.mesh_dims:
+      _usage(f"--topology={name!r}: {gen_name} slices have {gen.mesh_dims} axes")
+  else:
+    n = int(m.group(3))
+    chips = n // 2 if gen.name_counts_cores else n
+    smallest = 4 if gen.mesh_dims == 3 or gen.name_counts_cores else 1
+    if (gen.name_counts_cores and n % 2) or chips < smallest or chips & (chips - 1):
+      counted = "TensorCores (2 per chip)" if gen.name_counts_cores else "chips"
+      _usage(f"--topology={name!r}: {m.group(1)}-N counts {counted}; this tool knows the "
+             f"power-of-two slices of at least {smallest} chips (give other shapes as a "
+             "topology, e.g. v4:4x4x12)")
+    shape = _chip_shape(chips, gen.mesh_dims)
+  return TpuSlice(
+      name=name, generation=gen_name, shape=shape, devices_per_chip=gen.devices_per_chip,
+      chip_config=gen.chip_config,
+      hbm_bytes_per_device=gen.hbm_gib * GiB / gen.devices_per_chip,
+      peak_flops_per_device=gen.peak_tflops * 1e12 / gen.devices_per_chip)
+
+
+def slice_devices(tpu: TpuSlice) -> list:
+  """libtpu's compile-only devices of the slice; checks their count against the table.
+
+  libtpu's own default for v4 is one JAX device per TensorCore (v4:2x2x2 gives 16 devices of
+  one core each); Cloud TPU v4 VMs run each chip's two cores as one megacore device, which is
+  what `chip_config_name="megacore"` gives (8 devices of 2 cores). v5p defaults to megacore;
+  v2/v3 have one device per core, v5e/v6e one core per chip.
+  """
+  if "tpu" not in os.environ.get("JAX_PLATFORMS", "").lower():
+    # No TPU runtime here. Give libtpu what it would look up in a TPU VM's metadata server
+    # (it logs errors about not finding it otherwise); compile-only devices do not use it.
+    gen = GENERATIONS[tpu.generation]
+    cloud = "v5litepod" if tpu.generation == "v5e" else tpu.generation
+    count = tpu.chips * (2 if gen.name_counts_cores else 1)
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", f"{cloud}-{count}"),
+                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+      os.environ.setdefault(key, value)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  host = tuple(min(2, d) for d in tpu.shape[:2]) + (1,)  # 2x2x1 chips per host (or fewer).
+  kwargs = dict(chip_config_name=tpu.chip_config, chips_per_host_bounds=host)
+  if len(tpu.shape) == 3 and all(d % 4 == 0 for d in tpu.shape):
+    kwargs["wrap"] = (True, True, True)  # v4/v5p slices of whole 4x4x4 cubes are tori.
+  devices = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu",
+                                         **kwargs).devices
+  if len(devices) != tpu.num_devices:
+    raise RuntimeError(f"libtpu gives {len(devices)} devices for {tpu.topology}, the table "
+                       f"expects {tpu.num_devices} ({tpu.chips} chips x "
+                       f"{tpu.devices_per_chip}); fix GENERATIONS in {__file__}")
+  return list(devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# The compile and the report.
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_advice(config: ml_collections.ConfigDict, tpu: TpuSlice) -> list[str]:
+  """The config fields (and slice sizes) that lower per-device memory, cheapest first."""
+  tips = []
+  if config.model.dtype != "bfloat16":
+    tips.append("--config.model.dtype=bfloat16: bf16 activations, params and optimiser state "
+                "stay float32 (about half the activation memory)")
+  if not config.model.remat:
+    tips.append("--config.model.remat=True: recompute each residual block in the backward "
+                "pass instead of storing its activations (about one more forward of compute)")
+  if not config.shard_params:
+    tips.append("--config.shard_params=True: split params, EMA and Adam state over the "
+                "devices instead of replicating them")
+  per_device = config.batch_size // tpu.num_devices
+  if per_device > 1:
+    gen = GENERATIONS[tpu.generation]
+    bigger = tpu.chips * 2 * (2 if gen.name_counts_cores else 1)
+    tips.append(f"a smaller per-device batch (now {per_device}): --config.batch_size="
+                f"{config.batch_size // 2}, or keep the global batch on a slice twice as "
+                f"large ({tpu.name.split('-')[0].split(':')[0]}-{bigger})")
+  return tips
+
+
+def _resource_exhausted(error: Exception) -> dict | None:
+  """XLA's out-of-memory compile error, summarised; None for any other error."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text:
+    return None
+  out = {"message": text.strip().splitlines()[0][:500]}
+  # e.g. "Ran out of memory in memory space hbm. Used 40.52G of 15.48G hbm."
+  m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", text)
+  if m:
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    out["used_bytes"] = float(m.group(1)) * scale[m.group(2)]
+    out["limit_bytes"] = float(m.group(3)) * scale[m.group(4)]
+  return out
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  total = 0
+  for leaf in jax.tree_util.tree_leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * leaf.dtype.itemsize
+  return total
+
+
+def compile_report(config: ml_collections.ConfigDict, tpu: TpuSlice,
+                   capacity_bytes: float | None = None) -> dict:
+  """Compiles the train step of `config` for `tpu` and measures it.
+
+  Args:
+    config: an experiment config (validated here).
+    tpu: the slice, from `parse_slice`.
+    capacity_bytes: HBM per device to check against; None takes the table's.
+
+  Returns:
+    A JSON-serialisable dict: the slice, the batch split, "memory" (bytes per device),
+    "flops", "cost_model", compile times, "fits", and "advice" when it does not fit. When
+    XLA runs out of memory compiling, "memory" is None and "error" holds its message.
+  """
+  config_lib.validate(config)
+  nets = models.build(config.model)
+  devices = slice_devices(tpu)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  sharding_lib.check_batch_divisible(config.batch_size, mesh)
+  capacity = tpu.hbm_bytes_per_device if capacity_bytes is None else capacity_bytes
+
+  t0 = time.perf_counter()
+  abstract = train.abstract_train_state(nets, config, mesh)
+  batch = train.batch_spec(config, nets, mesh)
+  step = train.make_train_step(nets, config, mesh, abstract)
+  lowered = step.lower(abstract, batch)
+  lower_s = time.perf_counter() - t0
+  argument_bytes = per_device_bytes((abstract, batch))
+
+  analytic = flops_lib.train_step(config)
+  n = tpu.num_devices
+  report = {
+      "topology": tpu.name, "topology_name": tpu.topology, "chips": tpu.chips,
+      "devices": n, "device_kind": devices[0].device_kind,
+      "global_batch": config.batch_size, "per_device_batch": config.batch_size // n,
+      "d_steps": config.optim.d_steps, "dtype": config.model.dtype,
+      "remat": bool(config.model.remat), "shard_params": bool(config.shard_params),
+      "capacity_bytes": capacity, "peak_flops_per_device": tpu.peak_flops_per_device,
+      "lower_seconds": lower_s, "error": None,
+  }
+  if argument_bytes > capacity:
+    # The state and batch alone overflow: say so now rather than after minutes of compiling.
+    report.update(compile_seconds=0.0, memory=None, flops=None, cost_model=None, fits=False,
+                  error={"message": f"the train state and batch alone take "
+                                    f"{argument_bytes / GiB:.3g} GiB per device",
+                         "used_bytes": argument_bytes, "limit_bytes": capacity},
+                  advice=memory_advice(config, tpu))
+    return report
+  t0 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    oom = _resource_exhausted(e)
+    if oom is None:
+      raise
+    report.update(compile_seconds=time.perf_counter() - t0, memory=None, flops=None,
+                  cost_model=None, fits=False, error=oom,
+                  advice=memory_advice(config, tpu))
+    return report
+  report["compile_seconds"] = time.perf_counter() - t0
+
+  mem = compiled.memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+           - mem.alias_size_in_bytes)
+  report["memory"] = {
+      "argument_bytes": mem.argument_size_in_bytes,
+      "output_bytes": mem.output_size_in_bytes,
+      "temp_bytes": mem.temp_size_in_bytes,
+      "alias_bytes": mem.alias_size_in_bytes,
+      "generated_code_bytes": mem.generated_code_size_in_bytes,
+      "peak_bytes": getattr(mem, "peak_memory_in_bytes", None),
+      "total_bytes": total,
+      "fraction_of_capacity": total / capacity,
+      "headroom_fraction": 1 - total / capacity,
+  }
+
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # Older jax: one per module.
+  compiled_flops = float(cost.get("flops", 0.0))
+  # What each device should execute: its share of the batch's work (remat's recompute
+  # included) plus the batch-independent work every replica repeats.
+  analytic_per_device = (analytic["model"] + analytic["recompute"]) / n + analytic["per_replica"]
+  # Useful work: the model's FLOPs counted once for the whole slice, no recompute.
+  model_per_device = (analytic["model"] + analytic["per_replica"]) / n
+  report["flops"] = {
+      "compiled_per_device": compiled_flops,
+      "compiled_global": compiled_flops * n,
+      "analytic_model_global": analytic["model"],
+      "analytic_recompute_global": analytic["recompute"],
+      "analytic_per_replica": analytic["per_replica"],
+      "analytic_per_device": analytic_per_device,
+      "model_per_device": model_per_device,
+      "compiled_over_analytic": compiled_flops / analytic_per_device,
+      "analytic_forward_per_example": {k: analytic[f"{k}_forward"] for k in
+                                       ("generator", "encoder", "discriminator")},
+  }
+  raw_seconds = cost.get("optimal_seconds")
+  raw_seconds = None if raw_seconds is None else float(raw_seconds)
+  # libtpu's cost model sometimes returns a negative time (seen for v4 programs): no estimate.
+  seconds = raw_seconds if raw_seconds is not None and raw_seconds > 0 else None
+  peak = tpu.peak_flops_per_device
+  report["cost_model"] = {
+      "step_seconds": seconds,
+      "optimal_seconds_raw": raw_seconds,
+      "model_flops_utilisation": model_per_device / seconds / peak if seconds else None,
+      "hardware_flops_utilisation": compiled_flops / seconds / peak if seconds else None,
+      "note": "XLA's cost-model estimate for this program, not a measurement",
+  }
+  report["fits"] = total <= capacity
+  report["advice"] = [] if report["fits"] else memory_advice(config, tpu)
+  return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Registers the command-line flags; called only when this module runs as a program."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file, e.g. configs/bigbigan_resnet50.py.",
+      lock_config=True)
+  flags.DEFINE_string(
+      "topology", None, "Cloud TPU type (v3-128, v4-64, v5litepod-16, v5p-128, v6e-64) or a "
+      "libtpu topology (v4:2x4x4).")
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+  flags.DEFINE_float(
+      "hbm_gib", None, "Check against this much HBM per device (GiB) instead of the table's, "
+      "e.g. to keep a margin for the runtime.")
+
+
+def _gib(x) -> str:
+  return f"{x / GiB:.2f} GiB"
+
+
+def format_report(report: dict, config_name: str) -> str:
+  """The report as text for a terminal."""
+  r = report
+  params = "params sharded" if r["shard_params"] else "params replicated"
+  lines = [
+      f"{config_name} on {r['topology']} ({r['topology_name']}: {r['chips']} chips, "
+      f"{r['devices']} devices of {r['device_kind']})",
+      f"  batch       global {r['global_batch']}, {r['per_device_batch']} per device, "
+      f"{r['d_steps']} D steps; {r['dtype']} activations, remat "
+      f"{'on' if r['remat'] else 'off'}, {params}",
+  ]
+  if r["memory"] is None:
+    err = r["error"]
+    used = (f": {_gib(err['used_bytes'])} needed of {_gib(err['limit_bytes'])}"
+            if "used_bytes" in err else "")
+    lines.append(f"  HBM         does NOT fit{used}")
+    lines.append(f"              {err['message']}")
+  else:
+    m = r["memory"]
+    lines += [
+        f"  HBM/device  arguments {_gib(m['argument_bytes'])} + outputs "
+        f"{_gib(m['output_bytes'])} + temporaries {_gib(m['temp_bytes'])} - aliased "
+        f"{_gib(m['alias_bytes'])}",
+        f"              = {_gib(m['total_bytes'])} of {_gib(r['capacity_bytes'])} "
+        f"({100 * m['fraction_of_capacity']:.0f}%, headroom "
+        f"{100 * m['headroom_fraction']:.0f}%): {'fits' if r['fits'] else 'does NOT fit'}",
+    ]
+    f = r["flops"]
+    recompute = (f" + remat recompute {f['analytic_recompute_global']:.3g}"
+                 if f["analytic_recompute_global"] else "")
+    lines.append(
+        f"  FLOPs/step  compiled {f['compiled_per_device']:.3g} per device "
+        f"(x{r['devices']} = {f['compiled_global']:.3g}); analytic {f['analytic_per_device']:.3g}"
+        f" per device (model {f['analytic_model_global']:.3g}{recompute} global / "
+        f"{r['devices']} + {f['analytic_per_replica']:.3g} per replica); compiled/analytic "
+        f"{f['compiled_over_analytic']:.2f}")
+    c = r["cost_model"]
+    if c["step_seconds"]:
+      lines.append(
+          f"  cost model  {c['step_seconds'] * 1e3:.1f} ms/step (XLA's estimate, not a "
+          f"measurement): {100 * c['model_flops_utilisation']:.0f}% model-FLOP utilisation, "
+          f"{100 * c['hardware_flops_utilisation']:.0f}% of compiled FLOPs, of "
+          f"{r['peak_flops_per_device'] / 1e12:.1f} TFLOP/s bf16 peak per device")
+    elif c.get("optimal_seconds_raw") is None:
+      lines.append("  cost model  no step-time estimate from this XLA version")
+    else:
+      lines.append(f"  cost model  no usable step-time estimate (XLA's optimal_seconds = "
+                   f"{c['optimal_seconds_raw']:.4g})")
+  lines.append(f"  compile     lower {r['lower_seconds']:.1f} s, compile "
+               f"{r['compile_seconds']:.1f} s on this host")
+  if r["advice"]:
+    lines.append("  To fit, try (one at a time, cheapest first):")
+    lines += [f"    {tip}" for tip in r["advice"]]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.config is None or not FLAGS.topology:
+    raise app.UsageError("--config and --topology are required, e.g. "
+                         "--config=configs/bigbigan_resnet50.py --topology=v3-128")
+  try:
+    tpu = parse_slice(FLAGS.topology)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  # The report must describe the program the trainer runs: fully optimised, freshly compiled.
+  jax.config.update("jax_disable_most_optimizations", False)
+  jax.config.update("jax_enable_compilation_cache", False)
+  capacity = None if FLAGS.hbm_gib is None else FLAGS.hbm_gib * GiB
+  report = compile_report(FLAGS.config, tpu, capacity)
+  if FLAGS.json:
+    print(json.dumps(report))
+  else:
+    print(format_report(report, config_flags.get_config_filename(flags.FLAGS["config"])))
+  if not report["fits"]:
+    print(f"error: the train step does not fit in {_gib(report['capacity_bytes'])} of HBM per "
+          f"device on {tpu.name}; see the advice above" + (" (the \"advice\" field)"
+                                                           if FLAGS.json else ""),
+          file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
