@@ -13,6 +13,8 @@ import numpy as np
 from bigbigan_jax import models
 from bigbigan_jax import sharding
 from bigbigan_jax import train
+from train_steps import flat
+from train_steps import one_step
 
 
 def _tiny(load_config, variant="bigbigan", **model_overrides):
@@ -28,35 +30,15 @@ def _tiny(load_config, variant="bigbigan", **model_overrides):
   return config
 
 
-def _flat(tree):
-  return np.concatenate([np.ravel(np.asarray(x, np.float64))
-                         for x in jax.tree_util.tree_leaves(tree)])
-
-
-def _one_step(config, num_devices):
-  """(state after one train step, its metrics) from fixed init and a fixed batch."""
-  nets = models.build(config.model)
-  mesh = sharding.make_mesh((("data", num_devices),), jax.devices()[:num_devices])
-  abstract = train.abstract_train_state(nets, config, mesh)
-  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
-  rng = np.random.default_rng(0)
-  r, d = nets.encoder_resolution, config.optim.d_steps
-  local = {"image": rng.uniform(-1, 1, (d, config.batch_size, r, r, 3)).astype(np.float32),
-           "label": rng.integers(0, 10, (d, config.batch_size)).astype(np.int32)}
-  state, metrics = train.make_train_step(nets, config, mesh, abstract)(
-      state, train.to_global(local, config, nets, mesh))
-  return jax.device_get(state), jax.device_get(metrics), abstract
-
-
 def _assert_same_step(a, b, rtol, atol):
   (state_a, metrics_a, _), (state_b, metrics_b, _) = a, b
   for name in state_a.params:
-    np.testing.assert_allclose(_flat(state_b.params[name]), _flat(state_a.params[name]),
+    np.testing.assert_allclose(flat(state_b.params[name]), flat(state_a.params[name]),
                                rtol=rtol, atol=atol, err_msg=name)
-  np.testing.assert_allclose(_flat(state_b.model_state), _flat(state_a.model_state),
+  np.testing.assert_allclose(flat(state_b.model_state), flat(state_a.model_state),
                              rtol=rtol, atol=atol)
-  np.testing.assert_allclose(_flat((state_b.opt_d, state_b.opt_ge)),
-                             _flat((state_a.opt_d, state_a.opt_ge)), rtol=rtol, atol=atol)
+  np.testing.assert_allclose(flat((state_b.opt_d, state_b.opt_ge)),
+                             flat((state_a.opt_d, state_a.opt_ge)), rtol=rtol, atol=atol)
   for key in metrics_a:
     np.testing.assert_allclose(metrics_b[key], metrics_a[key], rtol=rtol, atol=atol,
                                err_msg=key)
@@ -66,16 +48,16 @@ def test_remat_gives_the_plain_step(load_config):
   # nn.remat reruns the same forward ops in the backward pass: only float32 rounding may
   # differ (XLA fuses and orders the recomputed ops differently; seen: 5e-7 absolute on
   # params of order 1e-2 after one step), so the tolerance is shard_params' below.
-  plain = _one_step(_tiny(load_config), 2)
-  remat = _one_step(_tiny(load_config, remat=True), 2)
+  plain = one_step(_tiny(load_config), 2)
+  remat = one_step(_tiny(load_config, remat=True), 2)
   _assert_same_step(plain, remat, rtol=1e-4, atol=1e-6)
 
 
 def test_shard_params_gives_the_replicated_step(load_config):
   config = _tiny(load_config)
-  replicated = _one_step(config, 8)
+  replicated = one_step(config, 8)
   config.shard_params = True
-  sharded = _one_step(config, 8)
+  sharded = one_step(config, 8)
   # It really sharded something: some leaf is split 8 ways over "data".
   specs = [leaf.sharding.spec for leaf in jax.tree_util.tree_leaves(sharded[2])]
   assert any(sharding.DATA in spec for spec in specs)

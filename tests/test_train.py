@@ -16,6 +16,8 @@ from bigbigan_jax import config as config_lib
 from bigbigan_jax import models
 from bigbigan_jax import sharding
 from bigbigan_jax import train
+from train_steps import flat
+from train_steps import one_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 _TO_GLOBAL = train.to_global
@@ -32,37 +34,17 @@ def tiny(variant="bigbigan", **overrides):
   return config
 
 
-def _flat(tree):
-  return np.concatenate([np.ravel(np.asarray(x, np.float64))
-                         for x in jax.tree_util.tree_leaves(tree)])
-
-
-def _one_step(config, num_devices):
-  nets = models.build(config.model)
-  mesh = sharding.make_mesh((("data", num_devices),), jax.devices()[:num_devices])
-  abstract = train.abstract_train_state(nets, config, mesh)
-  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
-  rng = np.random.default_rng(0)
-  r, d = nets.encoder_resolution, config.optim.d_steps
-  local = {"image": rng.uniform(-1, 1, (d, config.batch_size, r, r, 3)).astype(np.float32),
-           "label": rng.integers(0, 10, (d, config.batch_size)).astype(np.int32)}
-  state, metrics = train.make_train_step(nets, config, mesh, abstract)(
-      state, train.to_global(local, config, nets, mesh))
-  jax.block_until_ready(metrics)
-  return state, jax.device_get(metrics)
-
-
 def test_step_on_8_devices_equals_1_device():
   # Adam's first update is about lr * sign(grad): with the default eps=1e-8 a gradient that is
   # ~0 on both sides can flip sign under a different summation order and move a weight by
   # 2 * lr. A larger eps keeps the comparison about the step's math, not that amplification.
   config = tiny(optim__eps=1e-4)
-  one, m1 = _one_step(config, 1)
-  eight, m8 = _one_step(config, 8)
+  one, m1, _ = one_step(config, 1)
+  eight, m8, _ = one_step(config, 8)
   for name in one.params:
-    np.testing.assert_allclose(_flat(eight.params[name]), _flat(one.params[name]), rtol=1e-4,
+    np.testing.assert_allclose(flat(eight.params[name]), flat(one.params[name]), rtol=1e-4,
                                atol=1e-6, err_msg=name)
-  np.testing.assert_allclose(_flat(eight.model_state), _flat(one.model_state), rtol=1e-4,
+  np.testing.assert_allclose(flat(eight.model_state), flat(one.model_state), rtol=1e-4,
                              atol=1e-6)
   for key in m1:
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
@@ -70,7 +52,7 @@ def test_step_on_8_devices_equals_1_device():
   init = train.init_train_state(jax.random.PRNGKey(0), nets=models.build(config.model),
                                 config=config)
   for name in one.params:
-    assert not np.allclose(_flat(one.params[name]), _flat(init.params[name])), name
+    assert not np.allclose(flat(one.params[name]), flat(init.params[name])), name
   assert {"d_loss", "eg_loss", "e_loss", "g_loss", "ortho_loss", "d_accuracy", "grad_norm/d",
           "grad_norm/g", "grad_norm/e", "score/real_s_xz", "score/fake_s_x",
           "sigma0/g_first", "sigma0/d_last"} <= set(m1)
@@ -81,12 +63,12 @@ def test_biggan_step_trains_g_and_d_and_ema_tracks_g():
   config = tiny("biggan", ema__start_step=0, ema__decay=0.5)
   nets = models.build(config.model)
   init = train.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
-  state, metrics = _one_step(config, 1)
+  state, metrics, _ = one_step(config, 1)
   assert set(state.params) == {"generator", "discriminator"}
   assert {"score/real", "score/fake", "g_loss"} <= set(metrics)
   # From start_step on, ema = decay * ema + (1 - decay) * new params.
-  expected = 0.5 * _flat(init.ema_params) + 0.5 * _flat(state.params["generator"])
-  np.testing.assert_allclose(_flat(state.ema_params), expected, rtol=1e-5, atol=1e-7)
+  expected = 0.5 * flat(init.ema_params) + 0.5 * flat(state.params["generator"])
+  np.testing.assert_allclose(flat(state.ema_params), expected, rtol=1e-5, atol=1e-7)
 
 
 class _Recorder:
@@ -119,9 +101,9 @@ def test_resume_gives_the_same_params_and_batches(tmp_path, monkeypatch):
   for a, b in zip(straight.batches, resumed.batches):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
-  np.testing.assert_array_equal(_flat(final_resumed.params), _flat(final_straight.params))
-  np.testing.assert_array_equal(_flat(final_resumed.ema_params), _flat(final_straight.ema_params))
-  np.testing.assert_array_equal(_flat(final_resumed.opt_ge), _flat(final_straight.opt_ge))
+  np.testing.assert_array_equal(flat(final_resumed.params), flat(final_straight.params))
+  np.testing.assert_array_equal(flat(final_resumed.ema_params), flat(final_straight.ema_params))
+  np.testing.assert_array_equal(flat(final_resumed.opt_ge), flat(final_straight.opt_ge))
 
   # What the workdir holds: checkpoints (keep 2), PNG grids, TensorBoard events.
   b = tmp_path / "b"
@@ -154,7 +136,7 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
   mesh4 = sharding.make_mesh((("data", 4),), jax.devices()[:4])
   restored = checkpoint_lib.Checkpoints(str(tmp_path), config).restore(
       7, train.abstract_train_state(nets, config, mesh4))
-  np.testing.assert_array_equal(_flat(restored), _flat(state))
+  np.testing.assert_array_equal(flat(restored), flat(state))
   devices = {d for x in jax.tree_util.tree_leaves(restored) for d in x.sharding.device_set}
   assert devices == set(jax.devices()[:4])
 

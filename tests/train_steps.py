@@ -1,0 +1,30 @@
+"""One train step from a fixed init and a fixed batch: what the step-comparison tests share."""
+
+import jax
+import numpy as np
+
+from bigbigan_jax import models
+from bigbigan_jax import sharding
+from bigbigan_jax import train
+
+
+def flat(tree) -> np.ndarray:
+  """Every leaf of `tree`, raveled into one float64 vector."""
+  return np.concatenate([np.ravel(np.asarray(x, np.float64))
+                         for x in jax.tree_util.tree_leaves(tree)])
+
+
+def one_step(config, num_devices: int):
+  """(state after one train step, its metrics on the host, the abstract state) on a mesh of
+  the first `num_devices` devices, from PRNGKey(0)'s init and a seeded random batch."""
+  nets = models.build(config.model)
+  mesh = sharding.make_mesh((("data", num_devices),), jax.devices()[:num_devices])
+  abstract = train.abstract_train_state(nets, config, mesh)
+  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  r, d = nets.encoder_resolution, config.optim.d_steps
+  local = {"image": rng.uniform(-1, 1, (d, config.batch_size, r, r, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, (d, config.batch_size)).astype(np.int32)}
+  state, metrics = train.make_train_step(nets, config, mesh, abstract)(
+      state, train.to_global(local, config, nets, mesh))
+  return state, jax.device_get(metrics), abstract
