@@ -22,6 +22,9 @@ RESUMABLE_MODEL_FIELDS = ("dtype", "remat")
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints, absolute: orbax refuses relative paths (--workdir=run1 is fine)."""
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)
   return os.path.join(workdir, "checkpoints")
 
 

@@ -191,16 +191,17 @@ def test_benchmark_reports_its_figures():
   assert result["peak_host_memory_mb"] > 100
 
 
-def _run_main(*args, timeout=600):
+def _run_main(*args, timeout=600, cwd=ROOT):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "bigbigan_jax.main", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "bigbigan_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
 def test_entry_point_trains_and_writes_the_workdir(tmp_path):
+  # A relative --workdir, as in the README's command (orbax itself wants absolute paths).
   workdir = tmp_path / "run"
-  out = _run_main("--config=configs/tiny.py:biggan", f"--workdir={workdir}",
-                  "--config.num_train_steps=2")
+  out = _run_main(f"--config={ROOT}/configs/tiny.py:biggan", "--workdir=run",
+                  "--config.num_train_steps=2", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2 | d_loss" in out.stderr
   assert (workdir / "samples" / "step_0000002.png").exists()
