@@ -286,7 +286,10 @@ def compile_report(config: ml_collections.ConfigDict, tpu: TpuSlice,
     XLA runs out of memory compiling, "memory" is None and "error" holds its message.
   """
   config_lib.validate(config)
-  nets = models.build(config.model)
+  model = ml_collections.ConfigDict(config.model.to_dict())
+  if model.conv_weight_grad == "auto":  # "auto" would see this host's CPU, not the TPU.
+    model.conv_weight_grad = "xla"
+  nets = models.build(model)
   devices = slice_devices(tpu)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   sharding_lib.check_batch_divisible(config.batch_size, mesh)

@@ -33,11 +33,12 @@ class DBlock(nn.Module):
   preactivation: bool
   sn_eps: float
   dtype: layers.Dtype
+  weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = lambda k, name: layers.SNConv(self.out_ch, k, eps=self.sn_eps, dtype=self.dtype,
-                                         name=name)
+                                         weight_grad=self.weight_grad, name=name)
     h = nn.relu(x) if self.preactivation else x
     h = conv(3, "conv1")(h, train)
     h = conv(3, "conv2")(nn.relu(h), train)
@@ -65,6 +66,7 @@ class DiscriminatorTrunk(nn.Module):
   sn_eps: float = 1e-6
   dtype: layers.Dtype = jnp.float32
   remat: bool = False
+  weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -77,9 +79,10 @@ class DiscriminatorTrunk(nn.Module):
     h = x.astype(self.dtype)
     for i, (out_mult, down) in enumerate(zip(outs, downs)):
       h = block_cls(out_mult * self.ch, down, i > 0, self.sn_eps, self.dtype,
-                    name=f"block_{i}")(h, train)
+                    self.weight_grad, name=f"block_{i}")(h, train)
       if i == attention_after:
-        h =  layers.SelfAttention(self.sn_eps, self.dtype, name=f"attention_{i}")(h, train)
+        h = layers.SelfAttention(self.sn_eps, self.dtype, self.weight_grad,
+                                 name=f"attention_{i}")(h, train)
     return jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
 
 
@@ -103,11 +106,12 @@ class Discriminator(nn.Module):
   sn_eps: float = 1e-6
   dtype: layers.Dtype = jnp.float32
   remat: bool = False
+  weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x, labels=None, *, train: bool):
     h = DiscriminatorTrunk(self.resolution, self.ch, self.attention_res, self.sn_eps,
-                           self.dtype, self.remat, name="trunk")(x, train)
+                           self.dtype, self.remat, self.weight_grad, name="trunk")(x, train)
     out = layers.SNDense(1, eps=self.sn_eps, name="linear")(h, train)[:, 0]
     if self.num_classes:
       if labels is None:
@@ -121,6 +125,10 @@ class JointDiscriminator(nn.Module):
   """BigBiGAN D on (x, z) pairs → dict(s_x, s_z, s_xz), each (B,).
 
   s_x = linear(F(x)), s_z = linear(H(z)), s_xz = linear(J(concat(F(x), H(z)))).
+
+  F(x) is BigGAN's sum-pooled feature. `j_fx_pool="mean"` divides it by the number of
+  positions before J (s_x keeps the sum): at 32 px the sum's norm is ~20x H(z)'s at init, so
+  J's input is all x and s_xz hardly depends on z, which is E's only way to learn.
   """
 
   resolution: int = 128
@@ -130,18 +138,24 @@ class JointDiscriminator(nn.Module):
   h_layers: int = 8
   j_width: int = 2048
   j_layers: int = 8
+  j_fx_pool: str = "sum"  # "sum" (F(x) as s_x sees it) or "mean" over positions, for J.
   sn_eps: float = 1e-6
   dtype: layers.Dtype = jnp.float32
   remat: bool = False
+  weight_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x, z, *, train: bool):
     fx = DiscriminatorTrunk(self.resolution, self.ch, self.attention_res, self.sn_eps,
-                            self.dtype, self.remat, name="F")(x, train)
+                            self.dtype, self.remat, self.weight_grad, name="F")(x, train)
     hz = layers.SkipMLP(self.h_width, self.h_layers, sn_eps=self.sn_eps, dtype=self.dtype,
                         name="H")(z.astype(self.dtype), train)
+    fx_j = fx
+    if self.j_fx_pool == "mean":
+      side = self.resolution // 2**sum(D_ARCH[self.resolution][1])
+      fx_j = fx / (side * side)
     j = layers.SkipMLP(self.j_width, self.j_layers, sn_eps=self.sn_eps, dtype=self.dtype,
-                       name="J")(jnp.concatenate([fx.astype(self.dtype), hz], -1), train)
+                       name="J")(jnp.concatenate([fx_j.astype(self.dtype), hz], -1), train)
     score = lambda name, h: layers.SNDense(1, eps=self.sn_eps, name=name)(
         h.astype(jnp.float32), train)[:, 0]
     return {"s_x": score("score_x", fx), "s_z": score("score_z", hz),

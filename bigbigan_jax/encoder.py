@@ -103,9 +103,15 @@ class ReversibleUnit(nn.Module):
 
 
 class Trunk(nn.Module):
-  """Images (B, R, R, 3) → avepool feature (B, 32 · base_width · width_multiplier)."""
+  """Images (B, R, R, 3) → avepool feature (B, 32 · base_width · width_multiplier).
+
+  stem "imagenet": 7x7 stride-2 conv and a 3x3 stride-2 max pool (R/4 into stage 0; at 32 px
+  the last stage is 1x1). "small": one 3x3 stride-1 conv, as ResNets for 32 px images do
+  (R into stage 0, R/8 at the last stage), at ~16x the trunk's compute.
+  """
 
   arch: str = "resnet_v2"
+  stem: str = "imagenet"
   depth: int = 50
   width_multiplier: int = 1
   base_width: int = 64
@@ -121,9 +127,13 @@ class Trunk(nn.Module):
     unit_cls = nn.remat(ResidualUnit, static_argnums=(2,)) if self.remat else ResidualUnit
     rev_cls = nn.remat(ReversibleUnit, static_argnums=(2,)) if self.remat else ReversibleUnit
 
-    h = nn.Conv(width, (7, 7), (2, 2), padding="SAME", use_bias=False, kernel_init=_he_init,
-                dtype=self.dtype, name="stem")(x.astype(self.dtype))
-    h = nn.max_pool(h, (3, 3), (2, 2), padding="SAME")
+    if self.stem == "imagenet":
+      h = nn.Conv(width, (7, 7), (2, 2), padding="SAME", use_bias=False, kernel_init=_he_init,
+                  dtype=self.dtype, name="stem")(x.astype(self.dtype))
+      h = nn.max_pool(h, (3, 3), (2, 2), padding="SAME")
+    else:
+      h = nn.Conv(width, (3, 3), (1, 1), padding="SAME", use_bias=False, kernel_init=_he_init,
+                  dtype=self.dtype, name="stem")(x.astype(self.dtype))
     for stage, (units, stride) in enumerate(zip(STAGE_UNITS[self.depth], STAGE_STRIDES)):
       w = width * 2**stage
       for u in range(units):
@@ -143,6 +153,7 @@ class Encoder(nn.Module):
 
   z_dim: int = 120
   arch: str = "resnet_v2"
+  stem: str = "imagenet"
   depth: int = 50
   width_multiplier: int = 1
   base_width: int = 64
@@ -156,7 +167,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    feat = Trunk(self.arch, self.depth, self.width_multiplier, self.base_width,
+    feat = Trunk(self.arch, self.stem, self.depth, self.width_multiplier, self.base_width,
                  self.bn_momentum, self.bn_eps, self.dtype, self.remat, name="trunk")(x, train)
     normed = layers.BatchNorm(use_affine=False, momentum=self.bn_momentum, eps=self.bn_eps,
                               name="feat_bn")(feat, train)

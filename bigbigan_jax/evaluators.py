@@ -8,7 +8,12 @@ then run on an `inference.Model` as often as wanted: `run(model)` returns {name:
   config.data's `eval.probe_train_split` train a softmax classifier (`linear_probe`), scored
   top-1/top-5 on `eval.probe_test_split`, as the paper's representation-learning numbers.
   With `eval.probe_baselines`, also raw pixels and a freshly initialised E of the same
-  architecture: what E's training adds.
+  architecture, its BN statistics estimated on the probe's train split: what E's training
+  adds.
+- "judge": a small classifier trained on the real `eval.probe_train_split` (judge.py)
+  labels G(E(x)) of `eval.probe_test_split` (recon/class_keep: does the reconstruction keep
+  the class?) and G's samples (classifier IS and FID; per-class accuracy of a
+  class-conditional G). Needs no download: what Inception is for ImageNet.
 - "fid": `eval.num_samples` images of the EMA generator, their FID Inception pool3 features
   against the statistics of `eval.fid_reference_examples` real images (computed once, then
   cached as .npz), and the Inception Score over `eval.is_splits` splits. The weights come from
@@ -24,12 +29,14 @@ examples, in order), since each compiled call spans all devices; only process 0 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 from typing import Any
 
 from absl import logging
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -40,6 +47,7 @@ from bigbigan_jax import config as config_lib
 from bigbigan_jax import inception as inception_lib
 from bigbigan_jax import inference
 from bigbigan_jax import input_pipeline
+from bigbigan_jax import judge as judge_lib
 from bigbigan_jax import linear_probe
 from bigbigan_jax import metric_writer
 from bigbigan_jax import metrics as metrics_lib
@@ -111,14 +119,69 @@ def _with_encoder(model: inference.Model, encoder_variables) -> inference.Model:
       mesh=model.mesh, batch_size=model.batch_size)
 
 
-def random_encoder(model: inference.Model, seed: int) -> inference.Model:
-  """`model` with a freshly initialised E of the same architecture (its BN statistics are
-  the initial ones, as E's would be before training)."""
+@functools.lru_cache(maxsize=8)
+def _encoder_moments_fn(encoder):
+  """jit'd (E variables, images) → this batch's BN statistics of every E layer."""
+  def moments(variables, images):
+    # Momentum 0: a training-mode pass writes exactly this batch's statistics.
+    _, new = encoder.clone(bn_momentum=0.0).apply(
+        variables, images, train=True, rngs={"noise": jax.random.PRNGKey(0)},
+        mutable=["batch_stats"])
+    return new["batch_stats"]
+  return jax.jit(moments)
+
+
+def encoder_standing_stats(encoder, variables: dict, batches) -> dict:
+  """E's BN statistics re-estimated on real images, pooled over batches of any sizes.
+
+  Args:
+    encoder: the Encoder module.
+    variables: E's {"params", "batch_stats"}.
+    batches: iterable of (images, labels) at E's resolution.
+
+  Returns:
+    `variables` with batch_stats replaced: per layer, the count-weighted mean of the batch
+    means and the variance of every activation seen (law of total variance).
+  """
+  fn = _encoder_moments_fn(encoder)
+  counts, passes = [], []
+  for images, _ in batches:
+    counts.append(len(images))
+    passes.append(flax.traverse_util.flatten_dict(jax.device_get(fn(variables, images))))
+  if not passes:
+    raise ValueError("no images to estimate the encoder's BN statistics on")
+  w = np.asarray(counts, np.float64) / np.sum(counts)
+  pooled = {}
+  for path in passes[0]:
+    if path[-1] != "mean":
+      continue
+    var_path = path[:-1] + ("var",)
+    means = np.stack([np.asarray(p[path], np.float64) for p in passes])
+    variances = np.stack([np.asarray(p[var_path], np.float64) for p in passes])
+    mean = np.tensordot(w, means, axes=1)
+    var = np.tensordot(w, variances + np.square(means - mean), axes=1)
+    pooled[path], pooled[var_path] = mean.astype(np.float32), var.astype(np.float32)
+  return {**variables, "batch_stats": flax.traverse_util.unflatten_dict(pooled)}
+
+
+def random_encoder(model: inference.Model, seed: int, batches=None) -> inference.Model:
+  """`model` with a freshly initialised E of the same architecture.
+
+  Args:
+    model: the trained model (its G and D are shared, not copied).
+    seed: the initialisation's seed.
+    batches: real (images, labels) batches to estimate the random E's BN statistics on (the
+      fair baseline: with the initial statistics, mean 0 and variance 1, every BN layer in
+      evaluation mode is a no-op and the network is a different, un-normalised one); None
+      keeps the initial statistics.
+  """
   nets = model.nets
   r = nets.encoder_resolution
   params_key, noise_key = jax.random.split(jax.random.PRNGKey(seed))
   variables = nets.encoder.init({"params": params_key, "noise": noise_key},
                                 np.zeros((2, r, r, 3), np.float32), train=False)
+  if batches is not None:
+    variables = encoder_standing_stats(nets.encoder, variables, batches)
   variables = jax.device_put(variables, sharding_lib.replicated(model.mesh))
   return _with_encoder(model, variables)
 
@@ -132,6 +195,8 @@ class LinearProbe:
     if config.model.kind != "bigbigan":
       raise ValueError("the linear probe needs an encoder: model.kind must be 'bigbigan', "
                        f"not {config.model.kind!r}")
+    input_pipeline.check_disjoint_splits(config, config.eval.probe_train_split,
+                                         config.eval.probe_test_split, "the linear probe")
     self.config = config
 
   def features(self, encoders: dict[str, inference.Model], split: str
@@ -160,7 +225,9 @@ class LinearProbe:
     e = self.config.eval
     encoders = {"": model}
     if e.probe_baselines:
-      encoders["random_encoder/"] = random_encoder(model, self.config.seed + 1)
+      encoders["random_encoder/"] = random_encoder(
+          model, self.config.seed + 1,
+          real_batches(self.config, e.probe_train_split, e.probe_max_examples))
     train_feats, train_labels = self.features(encoders, e.probe_train_split)
     test_feats, test_labels = self.features(encoders, e.probe_test_split)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -338,6 +405,88 @@ class FidInceptionScore:
 
 
 # ---------------------------------------------------------------------------------------------
+# The judge: reconstructions keep the class, samples look like the classes.
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_arrays(config, split: str, max_examples: int = 0):
+  parts = list(real_batches(config, split, max_examples))
+  if not parts:
+    raise ValueError(f"config.data's split {split!r} has no examples")
+  return (np.concatenate([p[0] for p in parts]),
+          np.concatenate([p[1] for p in parts]).astype(np.int32))
+
+
+class JudgeEvaluator:
+  """Scores G(E(x)) and G's samples with a classifier trained on the real data (judge.py).
+
+  Results: BigBiGAN: recon/class_keep, recon/judge_accuracy; every model:
+  samples/classifier_is, samples/classifier_fid; class-conditional G:
+  samples/class_accuracy and samples/class_accuracy/<class>.
+  """
+
+  name = "judge"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    input_pipeline.check_disjoint_splits(config, config.eval.probe_train_split,
+                                         config.eval.probe_test_split, "the judge")
+    self.config = config
+    self._data = None  # (judge, held-out images, labels, real feature statistics).
+
+  def _prepare(self):
+    if self._data is None:
+      e = self.config.eval
+      train_x, train_y = _split_arrays(self.config, e.probe_train_split, e.probe_max_examples)
+      test_x, test_y = _split_arrays(self.config, e.probe_test_split, e.probe_max_examples)
+      num_classes = self.config.model.num_classes or int(max(train_y.max(), test_y.max())) + 1
+      res = self.config.model.resolution
+      # The judge sees images as D does: average-pooled to G's resolution.
+      pool = lambda x: np.asarray(train.pool_for_discriminator(x, res))
+      judge = judge_lib.train_judge(pool(train_x), train_y, num_classes, steps=e.judge_steps,
+                                    seed=e.seed)
+      real_stats = metrics_lib.feature_stats(judge.outputs(pool(train_x))[1])
+      logging.info("Judge trained on %d real images of %r; %d held out in %r.", len(train_y),
+                   e.probe_train_split, len(test_y), e.probe_test_split)
+      self._data = (judge, test_x, test_y, real_stats)
+    return self._data
+
+  def run(self, model: inference.Model) -> dict[str, float]:
+    judge, test_x, test_y, real_stats = self._prepare()
+    e = self.config.eval
+    truncation = e.truncation or None
+    if e.standing_stats_batches:
+      model.standing_stats(e.standing_stats_batches, truncation=truncation,
+                           method=self.config.sample.truncation, seed=e.seed + 1)
+    results = {}
+    try:
+      held_out = np.asarray(train.pool_for_discriminator(test_x, model.resolution))
+      accuracy = judge.accuracy(held_out, test_y)
+      if model.is_bigbigan:
+        recon = model.reconstruct(test_x, seed=e.seed)
+        results["recon/class_keep"] = float(np.mean(judge.predict(recon) == test_y))
+        results["recon/judge_accuracy"] = accuracy
+      else:
+        results["samples/judge_accuracy"] = accuracy
+      n = e.judge_num_samples
+      z = inference.sample_z(e.seed, n, model.z_dim, truncation, self.config.sample.truncation)
+      asked = np.arange(n) % model.num_classes if model.num_classes else None
+      probs, feats = judge.outputs(model.generate(z, asked))
+    finally:
+      if e.standing_stats_batches:
+        model.set_batch_stats(None)
+    results["samples/classifier_is"] = judge_lib.classifier_score(probs)
+    results["samples/classifier_fid"] = metrics_lib.fid_from_stats(
+        *metrics_lib.feature_stats(feats), *real_stats)
+    if asked is not None:
+      overall, per_class = judge_lib.per_class_accuracy(np.argmax(probs, -1), asked,
+                                                        model.num_classes)
+      results["samples/class_accuracy"] = overall
+      results.update({f"samples/class_accuracy/{c}": float(a)
+                      for c, a in enumerate(per_class)})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # Building, running, reporting.
 # ---------------------------------------------------------------------------------------------
 
@@ -345,7 +494,7 @@ class FidInceptionScore:
 def default_evals(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """What `--mode=eval` runs when config.evals is empty: every evaluator that applies."""
   names = ("linear_probe",) if config.model.kind == "bigbigan" else ()
-  return names + (("fid",) if config.eval.inception_path else ())
+  return names + ("judge",) + (("fid",) if config.eval.inception_path else ())
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, names=None, *,
@@ -373,6 +522,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, names=None, *,
   for name in names:
     if name == "linear_probe":
       evaluators.append(LinearProbe(config))
+    elif name == "judge":
+      evaluators.append(JudgeEvaluator(config))
     else:
       try:
         evaluators.append(FidInceptionScore(config, workdir))
@@ -432,9 +583,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.validate(config)
   names = tuple(config.evals) or default_evals(config)
-  if not names:
-    raise ValueError("nothing to evaluate: a BigGAN has no encoder to probe, and FID needs "
-                     "--config.eval.inception_path (see bigbigan_jax/inception.py)")
   evaluators = build(config, workdir, names)
   checkpoint_lib.check_compatible(workdir, config)
   model = inference.load(workdir, step, batch_size=config.eval.batch_size)

@@ -219,8 +219,12 @@ def encoder(model: ml_collections.ConfigDict) -> Count:
   enc = model.encoder
   width = enc.base_width * enc.width_multiplier
   count = Count()
-  count.conv(enc.resolution, 7, 3, width, spectral=False, stride=2)  # Stem.
-  size = math.ceil(math.ceil(enc.resolution / 2) / 2)  # 3x3 max-pool, stride 2.
+  if enc.stem == "imagenet":
+    count.conv(enc.resolution, 7, 3, width, spectral=False, stride=2)
+    size = math.ceil(math.ceil(enc.resolution / 2) / 2)  # 3x3 max-pool, stride 2.
+  else:
+    count.conv(enc.resolution, 3, 3, width, spectral=False)
+    size = enc.resolution
   cin = width
   units = encoder_lib.STAGE_UNITS[enc.depth]
   for stage, (num_units, stride) in enumerate(zip(units, encoder_lib.STAGE_STRIDES)):

@@ -7,7 +7,12 @@ Three sources (`config.data.source`):
   every image. Values 0..16 become 0..255 grey, copied to RGB: bright strokes on black, as MNIST.
 * "folder": `config.data.folder` holds one sub-folder per class (label = index of the class
   folder in sorted order) or images directly (label 0). PNG, JPEG, BMP or GIF (first frame).
-  A folder is a single split: every split name reads all of it.
+  Splits: split folders `train/` and `val/`, `validation/` or `test/`, each laid out as
+  above, are the splits of those names ("validation" also reads `val/`, and the reverse).
+  A folder without split folders is one split that any name reads whole. Either way a
+  tfds-style slice picks part of a split: `train[:90%]`, `train[90%:]`, `train[:1000]`;
+  slices cut a fixed seeded permutation of the split's files, so every class is spread over
+  both parts and two complementary slices never share a file.
 * "tfds": any prepared tensorflow-datasets dataset (`config.data.name`, `config.data.data_dir`);
   nothing is ever downloaded or prepared here.
 
@@ -341,13 +346,16 @@ class _IndexedSource:
   """N examples that can be loaded by index inside a tf.data map."""
 
   def __init__(self, name: str, split: str, kind: str, data: np.ndarray, labels: np.ndarray,
-               class_names: Optional[tuple[str, ...]] = None):
+               class_names: Optional[tuple[str, ...]] = None,
+               ids: Optional[np.ndarray] = None):
     self.name = name
     self.split = split
     self.kind = kind  # "decoded" (data holds images) or "encoded" (data holds file paths).
     self.data = data
     self.labels = labels.astype(np.int32)
     self.class_names = class_names
+    # What identifies each example across splits (file paths, or places in the dataset).
+    self.ids = data if ids is None else ids
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -378,19 +386,87 @@ def _digits_source(split: str) -> _IndexedSource:
   grey = images[part] * (255.0 / 16.0)
   rgb = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
   return _IndexedSource("digits", split, "decoded", rgb, labels[part],
-                        tuple(str(i) for i in range(10)))
+                        tuple(str(i) for i in range(10)), ids=np.arange(len(labels))[part])
 
 
 def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+# Split folders a folder source recognises, and the split names each one answers to.
+SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val", "test"),
+                 "validation": ("validation", "val", "test"), "test": ("test",)}
+_SLICE_SEED = 0x511CE
+
+
+def parse_split(split: str) -> tuple[str, Optional[str], Optional[str]]:
+  """'train[10%:90%]' → ('train', '10%', '90%'); 'train' → ('train', None, None)."""
+  split = split.strip()
+  if "[" not in split:
+    return split, None, None
+  base, _, rest = split.partition("[")
+  if not rest.endswith("]") or rest.count(":") != 1:
+    raise ValueError(f"split {split!r} is not a split name with a slice like "
+                     "'train[:90%]', 'train[90%:]' or 'train[:1000]'")
+  start, _, stop = rest[:-1].partition(":")
+  return base.strip(), start.strip() or None, stop.strip() or None
+
+
+def _slice_bound(bound: Optional[str], n: int, split: str) -> Optional[int]:
+  if bound is None:
+    return None
+  try:
+    value = float(bound[:-1]) * n / 100 if bound.endswith("%") else int(bound)
+  except ValueError:
+    raise ValueError(f"split {split!r}: slice bound {bound!r} is neither an integer nor a "
+                     "percentage like 90%") from None
+  return int(round(value))
+
+
+def _split_folder(folder: str, split: str) -> tuple[str, str]:
+  """(the folder to list for `split`'s base name, a description for messages)."""
+  base, _, _ = parse_split(split)
+  present = {n.rstrip("/") for n in tf.io.gfile.listdir(folder)}
+  present = {n for n in present if n in SPLIT_FOLDERS and tf.io.gfile.isdir(
+      os.path.join(folder, n))}
+  if not present:
+    return folder, f"{folder} (one split: any split name reads all of it)"
+  matches = [n for n in sorted(present) if base in SPLIT_FOLDERS[n]]
+  # An exact name beats an alias: with val/ and test/ both present, "test" reads test/.
+  matches.sort(key=lambda n: n != base)
+  if not matches:
+    raise ValueError(
+        f"config.data.folder={folder!r} has the split folders {sorted(present)}, and none of "
+        f"them is split {base!r}. Use one of those names (validation also reads val/ and "
+        "test/), or a slice of one, e.g. 'train[90%:]'.")
+  return os.path.join(folder, matches[0]), os.path.join(folder, matches[0])
+
+
 def _folder_source(folder: str, split: str) -> _IndexedSource:
-  """Lists a class-per-sub-folder (or flat) image folder; fails before reading any image."""
+  """Lists a class-per-sub-folder (or flat) image folder's split; reads no image."""
   if not folder or not tf.io.gfile.isdir(folder):
     raise ValueError(
         f"config.data.folder={folder!r} does not exist or is not a folder. Point it at a "
         "folder with one sub-folder of images per class, or with the images directly in it.")
+  root, where = _split_folder(folder, split or "train")
+  source = _class_folder_source(root, split)
+  _, start, stop = parse_split(split or "train")
+  if start is None and stop is None:
+    logging.info("Folder split %r reads %s.", split, where)
+    return source
+  n = len(source)
+  order = np.random.default_rng(_SLICE_SEED).permutation(n)
+  keep = np.sort(order[_slice_bound(start, n, split):_slice_bound(stop, n, split)])
+  if not keep.size:
+    raise ValueError(f"split {split!r} of config.data.folder={folder!r} is empty: the slice "
+                     f"selects none of its {n} images")
+  logging.info("Folder split %r: %d of the %d images of %s.", split, keep.size, n, where)
+  return _IndexedSource(source.name, split, source.kind, source.data[keep],
+                        source.labels[keep], source.class_names)
+
+
+def _class_folder_source(folder: str, split: str) -> _IndexedSource:
+  """A class-per-sub-folder (or flat) folder of images as one source."""
 
   def images_in(path):
     names = (n.rstrip("/") for n in tf.io.gfile.listdir(path))
@@ -419,8 +495,6 @@ def _folder_source(folder: str, split: str) -> _IndexedSource:
         f"config.data.folder={folder!r} has no images: expected files ending in "
         f"{', '.join(IMAGE_EXTENSIONS)} (any case), either in one sub-folder per class or "
         "directly in the folder.")
-  if split:
-    logging.info("The folder source is a single split: %r reads all of %s.", split, folder)
   return _IndexedSource(f"folder:{folder}", split, "encoded", np.array(files),
                         np.array(labels), tuple(classes) if classes else None)
 
@@ -617,6 +691,32 @@ def _tfds_eval_stream(source: _TfdsSource, split, *, local: int, start_step: int
 
 # ---------------------------------------------------------------------------------------------
 # Entry point.
+
+
+def check_disjoint_splits(config: ml_collections.ConfigDict, train_split: str,
+                          test_split: str, what: str) -> None:
+  """Raises ValueError when two splits of config.data share examples (a probe trained and
+  scored on the same images). Folders and digits are checked example by example; tfds
+  splits only by name, since their records have no cheap identity."""
+  data = config.data
+  if data.source == "tfds":
+    shared = (parse_split(train_split) == parse_split(test_split)
+              or (train_split == test_split))
+    count = "all"
+  else:
+    make = ((lambda s: _folder_source(data.folder, s)) if data.source == "folder"
+            else _digits_source)
+    a, b = make(train_split), make(test_split)
+    count = np.intersect1d(a.ids, b.ids).size
+    shared = count > 0
+  if shared:
+    hint = ("give the folder train/ and val/ sub-folders, or split one folder with slices: "
+            "train_split='train[:90%]', test_split='train[90%:]'"
+            if data.source == "folder" else "use two different splits")
+    raise ValueError(
+        f"{what}: the train split {train_split!r} and the test split {test_split!r} of "
+        f"config.data share {count} examples, so the score would be measured on training "
+        f"data. Set them to disjoint splits: {hint}.")
 
 
 def create_input_iter(config: ml_collections.ConfigDict, *, split: Optional[str] = None,

@@ -66,16 +66,27 @@ class Networks:
     return out
 
 
+def conv_weight_grad(model: ml_collections.ConfigDict) -> str:
+  """G's and D's convolution kernel gradient: config.model.conv_weight_grad, with "auto"
+  resolved to "matmul" when JAX computes on the CPU (15x faster there, see
+  layers.conv_same_matmul_grad) and to XLA's own elsewhere."""
+  if model.conv_weight_grad != "auto":
+    return model.conv_weight_grad
+  return "matmul" if jax.default_backend() == "cpu" else "xla"
+
+
 def build(model: ml_collections.ConfigDict) -> Networks:
   """Validates `config.model` and builds the networks it describes (no arrays yet)."""
   config_lib.validate_model(model)
   dtype = jnp.dtype(model.dtype)
-  common = dict(sn_eps=model.sn_eps, dtype=dtype, remat=model.remat)
+  common = dict(sn_eps=model.sn_eps, dtype=dtype, remat=model.remat,
+                weight_grad=conv_weight_grad(model))
   bigbigan = model.kind == "bigbigan"
   num_classes = 0 if bigbigan else model.num_classes
   generator = Generator(
       resolution=model.resolution, ch=model.ch, z_dim=model.z_dim, num_classes=num_classes,
-      shared_dim=model.shared_dim, attention_res=model.g_attention_res,
+      shared_dim=model.shared_dim, class_constant_stddev=model.class_constant_stddev,
+      attention_res=model.g_attention_res,
       bn_momentum=model.bn_momentum, bn_eps=model.bn_eps, **common)
   encoder = None
   if bigbigan:
@@ -83,9 +94,9 @@ def build(model: ml_collections.ConfigDict) -> Networks:
     discriminator = JointDiscriminator(
         resolution=model.resolution, ch=model.ch, attention_res=model.d_attention_res,
         h_width=joint.h_width, h_layers=joint.h_layers, j_width=joint.j_width,
-        j_layers=joint.j_layers, **common)
+        j_layers=joint.j_layers, j_fx_pool=joint.j_fx_pool, **common)
     encoder = Encoder(
-        z_dim=model.z_dim, arch=enc.arch, depth=enc.depth,
+        z_dim=model.z_dim, arch=enc.arch, stem=enc.stem, depth=enc.depth,
         width_multiplier=enc.width_multiplier, base_width=enc.base_width,
         head_width=enc.head_width, head_layers=enc.head_layers, min_stdev=enc.min_stdev,
         bn_momentum=model.bn_momentum, bn_eps=model.bn_eps, dtype=dtype, remat=model.remat)

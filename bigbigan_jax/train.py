@@ -36,6 +36,7 @@ import optax
 
 from bigbigan_jax import checkpoint as checkpoint_lib
 from bigbigan_jax import config as config_lib
+from bigbigan_jax import curves
 from bigbigan_jax import images as images_lib
 from bigbigan_jax import input_pipeline
 from bigbigan_jax import losses
@@ -493,6 +494,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if evals and (last or (config.eval_every_steps and step % config.eval_every_steps == 0)):
         evaluators_lib.report(step, evaluators_lib.run_on_state(evals, nets, state, config),
                               workdir, writer)
+        if config.eval_every_steps and primary:
+          curves.plot(workdir)
         progress.start(step)  # The next rate leaves the evaluation's time out.
       if stop:
         logging.warning("Stopped at step %d for preemption; the checkpoint is saved. Rerun "

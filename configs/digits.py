@@ -45,9 +45,12 @@ def get_config(variant: str = "bigbigan"):
   config.checkpoint_every_steps = 250
   config.sample_every_steps = 250
   config.num_sample_images = 64
+  # The judge (a classifier trained on the 1,500 "train" digits) scores G(E(x)) of the 297
+  # held out and 1,000 samples.
+  config.evals = ("judge",)
   if variant == "bigbigan":
-    # At the end, the paper's benchmark: a linear probe on E's frozen features of the 1,500
-    # "train" digits, top-1 on the 297 held out, beside raw pixels and a freshly initialised E.
-    config.evals = ("linear_probe",)
+    # The paper's benchmark: a linear probe on E's frozen features of the 1,500 "train"
+    # digits, top-1 on the 297 held out, beside raw pixels and a random E.
+    config.evals = ("linear_probe", "judge")
     config.eval.probe_baselines = True
   return config

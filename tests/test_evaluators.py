@@ -85,9 +85,10 @@ def _colour_folder(root: pathlib.Path, per_class: int = 8) -> None:
 
 
 def test_linear_probe_separates_separable_classes(tmp_path, fresh_model):
-  _colour_folder(tmp_path / "colours")
+  _colour_folder(tmp_path / "colours", per_class=16)
   config = tiny()
   config.data.source, config.data.folder = "folder", str(tmp_path / "colours")
+  config.eval.probe_train_split, config.eval.probe_test_split = "train[:70%]", "train[70%:]"
   config.evals = ("linear_probe",)
   config.eval.batch_size = 16
   config.eval.probe_steps = 50
@@ -97,10 +98,26 @@ def test_linear_probe_separates_separable_classes(tmp_path, fresh_model):
   names = ["avepool_feat", "bn_crelu_feat", "pixels", "random_encoder/avepool_feat",
            "random_encoder/bn_crelu_feat"]
   assert set(results) == {f"probe/{n}/{k}" for n in names for k in ("top1", "top5", "train_top1")}
-  # The folder source is one split, so train = test here: the point is separability.
+  # Held-out colours of the same three classes: separable by pixels, and by any features.
   assert results["probe/pixels/top1"] == 1.0
   for n in names:
     assert 0.9 <= results[f"probe/{n}/top1"] <= results[f"probe/{n}/top5"] == 1.0, n
+
+
+def test_probe_on_the_same_images_twice_is_refused(tmp_path):
+  _colour_folder(tmp_path / "colours")
+  config = tiny()
+  config.data.source, config.data.folder = "folder", str(tmp_path / "colours")
+  config.evals = ("linear_probe",)
+  with pytest.raises(ValueError, match=r"the linear probe: the train split 'train' and the "
+                     r"test split 'validation' of config.data share 24 examples.*train\[:90%\]"):
+    evaluators.build(config, str(tmp_path))
+  config.evals = ("judge",)
+  with pytest.raises(ValueError, match="the judge: the train split"):
+    evaluators.build(config, str(tmp_path))
+  config.eval.probe_train_split, config.eval.probe_test_split = "train[:60%]", "train[50%:]"
+  with pytest.raises(ValueError, match="share 2 examples"):
+    evaluators.build(config, str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------

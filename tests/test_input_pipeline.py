@@ -289,3 +289,53 @@ def test_errors(change, message, tmp_path, tiny_tfds_dir):
       c.data[k] = v
   with pytest.raises(ValueError, match=message):
     input_pipeline.create_input_iter(c, process_index=0, process_count=2)
+
+
+def _class_tree(root, counts):
+  """root/<class>/<i>.png with counts[class] grey images whose value is 10*class + i."""
+  for c, count in enumerate(counts):
+    (root / f"class{c}").mkdir(parents=True)
+    for i in range(count):
+      Image.fromarray(np.full((8, 8), 10 * c + i, np.uint8)).save(root / f"class{c}" / f"{i}.png")
+
+
+def _split_values(c, split):
+  """(labels, first-pixel values) of one ordered pass over a split."""
+  labels, values = [], []
+  for batch in input_pipeline.create_input_iter(c, split=split, train=False, process_index=0,
+                                                process_count=1):
+    labels += list(batch["label"][batch["mask"]])
+    values += list(np.round((batch["image"][batch["mask"]][:, 0, 0, 0] + 1) * 127.5))
+  return labels, values
+
+
+def test_split_folders_are_splits(tmp_path):
+  _class_tree(tmp_path / "data" / "train", (3, 2))
+  _class_tree(tmp_path / "data" / "val", (1, 1))
+  c = make_config(source="folder", folder=str(tmp_path / "data"), augment="none",
+                  random_flip=False)
+  c.batch_size = 2
+  assert _split_values(c, "train")[0] == [0, 0, 0, 1, 1]
+  for name in ("validation", "val", "test"):
+    assert _split_values(c, name) == ([0, 1], [0.0, 10.0])
+  with pytest.raises(ValueError, match=r"has the split folders \['train', 'val'\], and none "
+                     "of them is split 'extra'"):
+    input_pipeline.create_input_iter(c, split="extra", train=False)
+
+
+def test_folder_slices_partition_a_split_over_every_class(tmp_path):
+  _class_tree(tmp_path / "data", (10, 10))
+  c = make_config(source="folder", folder=str(tmp_path / "data"), augment="none",
+                  random_flip=False)
+  c.batch_size = 4
+  whole = _split_values(c, "train")
+  head, tail = _split_values(c, "train[:70%]"), _split_values(c, "train[70%:]")
+  assert len(head[0]) == 14 and len(tail[0]) == 6
+  assert sorted(head[1] + tail[1]) == sorted(whole[1])  # Disjoint, and together all of it.
+  assert set(head[0]) == set(tail[0]) == {0, 1}  # A seeded permutation, not the first class.
+  assert _split_values(c, "train[:3]")[1] == _split_values(c, "train[:3]")[1]
+  assert len(_split_values(c, "train[-5:]")[0]) == 5
+  with pytest.raises(ValueError, match="slice bound 'x' is neither an integer"):
+    input_pipeline.create_input_iter(c, split="train[:x]", train=False)
+  with pytest.raises(ValueError, match="selects none of its 20 images"):
+    input_pipeline.create_input_iter(c, split="train[50%:50%]", train=False)

@@ -174,3 +174,39 @@ def test_upsample_is_nearest_neighbour():
   x = jnp.arange(4.).reshape(1, 2, 2, 1)
   np.testing.assert_array_equal(layers.upsample2(x)[0, :, :, 0],
                                 [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_matmul_grad_conv_equals_xla_conv_in_value_and_gradients(k):
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 6))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, 6, 5))
+  xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+  np.testing.assert_allclose(layers.conv_same_matmul_grad(x, kernel), xla(x, kernel),
+                             rtol=1e-5, atol=1e-5)
+  got = jax.grad(loss(layers.conv_same_matmul_grad), argnums=(0, 1))(x, kernel)
+  want = jax.grad(loss(xla), argnums=(0, 1))(x, kernel)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_sn_conv_weight_grad_choice_keeps_params_and_values():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+  xla = layers.SNConv(8, 3, weight_grad="xla")
+  matmul = layers.SNConv(8, 3, weight_grad="matmul")
+  v = xla.init(jax.random.PRNGKey(2), x, train=False)
+  v2 = matmul.init(jax.random.PRNGKey(2), x, train=False)
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v2)
+  for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v2)):
+    np.testing.assert_array_equal(a, b)  # Same names, same initial values: checkpoints agree.
+  f = lambda m: lambda p: jnp.sum(m.apply({**v, "params": p}, x, train=True,
+                                          mutable=["spectral"])[0] ** 2)
+  np.testing.assert_allclose(jax.grad(f(matmul))(v["params"])["conv"]["kernel"],
+                             jax.grad(f(xla))(v["params"])["conv"]["kernel"], rtol=1e-4,
+                             atol=1e-5)
+
+
+def test_avg_pool_is_the_mean_of_each_2x2_window():
+  x = jnp.arange(16.).reshape(1, 4, 4, 1)
+  np.testing.assert_array_equal(layers.avg_pool2(x)[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
