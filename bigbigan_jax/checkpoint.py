@@ -15,10 +15,12 @@ import ml_collections
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from bigbigan_jax import config as config_lib
+
 ITEMS = ("state", "data", "meta")
 # Fields that change numerics or memory but not what is stored: a run may resume with them
 # changed (e.g. turn on rematerialisation to fit a larger batch).
-RESUMABLE_MODEL_FIELDS = ("dtype", "remat")
+RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "conv_weight_grad")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -79,8 +81,12 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict):
   step, meta, data = read_latest(workdir)
   if step is None:
     return None, None
-  saved = dict(_flatten(meta["signature"]))
   wanted = dict(_flatten(model_signature(config)))
+  # A field the checkpoint does not know was added later, with the earlier behaviour as its
+  # default: the checkpoint was made with the default.
+  defaults = dict(_flatten(model_signature(config_lib.base_config())))
+  saved = {**{k: v for k, v in defaults.items() if k in wanted},
+           **dict(_flatten(meta["signature"]))}
   diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}"
            for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
   if diffs:

@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_classes = 0  # 0: unconditional G (learned constant in the class slot), no projection in D.
   c.model.shared_dim = 128  # The shared class embedding (or the learned constant).
   c.model.class_constant_stddev = 1.0  # Init of the unconditional G's constant; 0: zeros.
+  c.model.shared_init_scale = 1.0  # Multiplies the class embedding's orthogonal init.
   c.model.g_attention_res = 64  # Self-attention after the G block with this output size; 0: none.
   c.model.d_attention_res = 64  # Self-attention after the D block with this output size; 0: none.
   c.model.bn_eps = 1e-5
@@ -68,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.encoder.head_width = 4096
   c.model.encoder.head_layers = 4
   c.model.encoder.min_stdev = 1e-4  # Added to softplus so z_stdev stays positive in float32.
+  c.model.encoder.stochastic = True  # Gaussian E (the paper); False: z_sample = z_mean (BiGAN).
 
   c.model.joint = ml_collections.ConfigDict()
   c.model.joint.h_width = 2048  # H: MLP on z.
@@ -219,6 +221,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
             f"network passes through: one of {allowed}")
   for field in ("bn_eps", "sn_eps"):
     _positive(c, f"model.{field}", integer=False)
+  _positive(c, "model.shared_init_scale", integer=False)
   stddev = model.class_constant_stddev
   if not (isinstance(stddev, (int, float)) and math.isfinite(stddev) and stddev >= 0):
     _fail("model.class_constant_stddev", stddev, "it must be a finite number >= 0")
@@ -241,6 +244,8 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
     if enc.resolution < 32:
       _fail("model.encoder.resolution", enc.resolution, "the ResNet/RevNet trunk needs at least 32")
     _positive(c, "model.encoder.min_stdev", integer=False)
+    if not isinstance(enc.stochastic, bool):
+      _fail("model.encoder.stochastic", enc.stochastic, "it must be True or False")
     for field in ("h_width", "h_layers", "j_width", "j_layers"):
       _positive(c, f"model.joint.{field}")
 
@@ -312,6 +317,26 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
       or any(f not in PROBE_FEATURES for f in features)):
     _fail("eval.probe_features", features, "give a non-empty tuple of "
           + ", ".join(repr(f) for f in PROBE_FEATURES))
+
+
+def with_defaults(stored: dict) -> ml_collections.ConfigDict:
+  """A config saved by an earlier version, with the fields added since at their defaults.
+
+  Every field added to `base_config` keeps the earlier behaviour as its default, so a
+  checkpoint's config read this way describes the same networks it was trained with.
+  """
+  config = base_config()
+
+  def merge(node, values):
+    for key, value in values.items():
+      if isinstance(value, dict) and key in node and isinstance(node[key],
+                                                                ml_collections.ConfigDict):
+        merge(node[key], value)
+      else:
+        node[key] = value
+  with config.unlocked():
+    merge(config, stored)
+  return config
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

@@ -149,7 +149,8 @@ class Trunk(nn.Module):
 
 class Encoder(nn.Module):
   """E: images at E's resolution → dict of z_mean, z_stdev, z_sample, avepool_feat,
-  bn_crelu_feat. Draws z_sample's noise from the 'noise' RNG stream."""
+  bn_crelu_feat. Draws z_sample's noise from the 'noise' RNG stream; with
+  `stochastic=False`, z_stdev is 0 and z_sample = z_mean."""
 
   z_dim: int = 120
   arch: str = "resnet_v2"
@@ -160,6 +161,7 @@ class Encoder(nn.Module):
   head_width: int = 4096
   head_layers: int = 4
   min_stdev: float = 1e-4
+  stochastic: bool = True
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
   dtype: layers.Dtype = jnp.float32
@@ -177,7 +179,14 @@ class Encoder(nn.Module):
                        dtype=self.dtype, name="head")(feat.astype(self.dtype), train)
     out = nn.Dense(2 * self.z_dim, name="z_params")(h.astype(jnp.float32))
     mean, pre_stdev = jnp.split(out, 2, axis=-1)
-    stdev = jax.nn.softplus(pre_stdev) + self.min_stdev
+    if self.stochastic:
+      stdev = jax.nn.softplus(pre_stdev) + self.min_stdev
+    else:
+      # BiGAN's deterministic E: z_sample = z_mean. (The σ half of the head stays, unused,
+      # so both kinds of E have the same parameters.) A Gaussian E can satisfy s_z by
+      # matching the prior with σ → 1 and z_mean → 0, ignoring x; a deterministic one can
+      # only spread its codes over the prior by telling images apart.
+      stdev = jnp.zeros_like(mean)
     eps = jax.random.normal(self.make_rng("noise"), mean.shape, mean.dtype)
     return {"z_mean": mean, "z_stdev": stdev, "z_sample": mean + stdev * eps,
             "avepool_feat": feat, "bn_crelu_feat": bn_crelu}

@@ -54,6 +54,7 @@ class Generator(nn.Module):
   num_classes: int = 0
   shared_dim: int = 128
   class_constant_stddev: float = 1.0  # Init of the unconditional G's learned class slot.
+  shared_init_scale: float = 1.0  # Multiplies the orthogonal init of the class embedding.
   attention_res: int = 64
   bn_momentum: float = 0.9
   bn_eps: float = 1e-5
@@ -71,8 +72,10 @@ class Generator(nn.Module):
     if self.num_classes:
       if labels is None:
         raise ValueError("this generator is class-conditional: pass labels")
+      # Orthogonal rows have norm ~min(1, sqrt(shared_dim / classes)); a z chunk's norm is
+      # ~sqrt(chunk size). The scale sets how loud the class is against z in every CBN.
       embed = nn.Embed(self.num_classes, self.shared_dim,
-                       embedding_init=layers.orthogonal(), name="shared")
+                       embedding_init=layers.orthogonal(self.shared_init_scale), name="shared")
       return embed(labels)
     # Each of its entries feeds every conditional BN's gain (1 + W_γ c) and bias, the same for
     # all samples: N(0, 1) at shared_dim 32 makes ~19% of the gains negative at init; 0 starts

@@ -632,7 +632,7 @@ def read_config(workdir: str, step: int | None = None
     if step not in steps:
       raise ValueError(f"no checkpoint at step {step} in {checkpoint_lib.checkpoint_dir(workdir)}"
                        f"; it has steps {steps}. Pass one of them, or none for the newest.")
-  config = ml_collections.ConfigDict(json.loads(meta["config"]))
+  config = config_lib.with_defaults(json.loads(meta["config"]))
   return latest if step is None else step, config
 
 

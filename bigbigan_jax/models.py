@@ -86,6 +86,7 @@ def build(model: ml_collections.ConfigDict) -> Networks:
   generator = Generator(
       resolution=model.resolution, ch=model.ch, z_dim=model.z_dim, num_classes=num_classes,
       shared_dim=model.shared_dim, class_constant_stddev=model.class_constant_stddev,
+      shared_init_scale=model.shared_init_scale,
       attention_res=model.g_attention_res,
       bn_momentum=model.bn_momentum, bn_eps=model.bn_eps, **common)
   encoder = None
@@ -99,6 +100,7 @@ def build(model: ml_collections.ConfigDict) -> Networks:
         z_dim=model.z_dim, arch=enc.arch, stem=enc.stem, depth=enc.depth,
         width_multiplier=enc.width_multiplier, base_width=enc.base_width,
         head_width=enc.head_width, head_layers=enc.head_layers, min_stdev=enc.min_stdev,
+        stochastic=enc.stochastic,
         bn_momentum=model.bn_momentum, bn_eps=model.bn_eps, dtype=dtype, remat=model.remat)
   else:
     discriminator = Discriminator(

@@ -159,3 +159,21 @@ def test_fair_random_encoder_estimates_bn_statistics(setup):
   feats = one.encode(images)["avepool_feat"]
   np.testing.assert_allclose(normed["mean"], feats.mean(0), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(normed["var"], feats.var(0), rtol=1e-3, atol=1e-6)
+
+
+def test_learning_curves_png_from_eval_results(tmp_path):
+  import json
+  from PIL import Image
+  from bigbigan_jax import curves
+  assert curves.plot(str(tmp_path)) is None  # No results yet: nothing drawn.
+  (tmp_path / "eval").mkdir()
+  for step, top1 in ((100, 0.5), (200, 0.7)):
+    results = {"probe/avepool_feat/top1": top1, "probe/pixels/top1": 0.8,
+               "recon/class_keep": top1 / 2, "samples/classifier_is": 4.0 + step / 100}
+    (tmp_path / "eval" / f"step_{step:07d}.json").write_text(
+        json.dumps({"step": step, "results": results}))
+  assert [s for s, _ in curves.read_results(str(tmp_path))] == [100, 200]
+  path = curves.plot(str(tmp_path))
+  assert path == str(tmp_path / "learning_curves.png")
+  image = np.asarray(Image.open(path).convert("L"))
+  assert image.shape[1] > image.shape[0] > 200 and image.std() > 10  # Lines, not a blank.

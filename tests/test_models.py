@@ -161,3 +161,83 @@ def test_biggan_needs_classes():
   model.kind = "biggan"
   with pytest.raises(ValueError, match="num_classes"):
     models.build(model)
+
+
+def _tiny_with(**model_fields):
+  config = config_lib.load(str(CONFIGS / "tiny.py"))
+  for key, value in model_fields.items():
+    node = config.model
+    *path, last = key.split("__")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  nets = models.build(config.model)
+  return nets, nets.init(jax.random.PRNGKey(0), 4)
+
+
+def test_deterministic_encoder_outputs_its_mean():
+  nets, variables = _tiny_with(encoder__stochastic=False)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 64, 64, 3), minval=-1, maxval=1)
+  out = nets.encoder.apply(variables["encoder"], x, train=False,
+                           rngs={"noise": jax.random.PRNGKey(2)})
+  np.testing.assert_array_equal(out["z_sample"], out["z_mean"])
+  np.testing.assert_array_equal(out["z_stdev"], 0.0)
+  stochastic, v2 = _tiny_with()
+  assert (jax.tree_util.tree_structure(v2["encoder"]["params"])
+          == jax.tree_util.tree_structure(variables["encoder"]["params"]))
+
+
+def test_small_stem_keeps_e_at_full_resolution_into_stage_0():
+  nets, variables = _tiny_with(encoder__stem="small")
+  kernel = variables["encoder"]["params"]["trunk"]["stem"]["kernel"]
+  assert kernel.shape[:2] == (3, 3)
+  x = jnp.zeros((4, 64, 64, 3))
+  out = nets.encoder.apply(variables["encoder"], x, train=False,
+                           rngs={"noise": jax.random.PRNGKey(2)})
+  assert out["avepool_feat"].shape == (4, 32 * 4)
+
+
+def test_zero_class_constant_starts_every_cbn_as_plain_bn():
+  nets, variables = _tiny_with(class_constant_stddev=0.0)
+  np.testing.assert_array_equal(variables["generator"]["params"]["class_constant"], 0.0)
+  _, default = _tiny_with()
+  assert float(jnp.std(default["generator"]["params"]["class_constant"])) > 0.3
+
+
+def test_mean_pooled_fx_changes_only_the_joint_score():
+  nets_sum, variables = _tiny_with()
+  nets_mean, _ = _tiny_with(joint__j_fx_pool="mean")
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  z = jax.random.normal(jax.random.PRNGKey(2), (4, nets_sum.z_dim))
+  a = nets_sum.discriminator.apply(variables["discriminator"], x, z, train=False)
+  b = nets_mean.discriminator.apply(variables["discriminator"], x, z, train=False)
+  np.testing.assert_array_equal(a["s_x"], b["s_x"])
+  np.testing.assert_array_equal(a["s_z"], b["s_z"])
+  assert not np.allclose(a["s_xz"], b["s_xz"])
+
+
+def test_new_model_fields_are_validated():
+  config = config_lib.load(str(CONFIGS / "tiny.py"))
+  for field, value, message in (("encoder.stem", "big", "model.encoder.stem"),
+                                ("joint.j_fx_pool", "max", "model.joint.j_fx_pool"),
+                                ("class_constant_stddev", -1.0, "model.class_constant_stddev"),
+                                ("conv_weight_grad", "fast", "model.conv_weight_grad")):
+    bad = config_lib.load(str(CONFIGS / "tiny.py"))
+    node = bad.model
+    *path, last = field.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+    with pytest.raises(ValueError, match=message):
+      config_lib.validate(bad)
+  config_lib.validate(config)
+
+
+def test_config_of_an_earlier_version_gets_the_new_fields_at_their_defaults():
+  config = config_lib.load(str(CONFIGS / "tiny.py"))
+  stored = config.to_dict()
+  del stored["model"]["conv_weight_grad"], stored["model"]["encoder"]["stem"]
+  restored = config_lib.with_defaults(stored)
+  assert restored.model.encoder.stem == "imagenet"
+  assert restored.model.conv_weight_grad == "auto"
+  assert restored.model.ch == config.model.ch
