@@ -256,10 +256,7 @@ class ConditionalBatchNorm(nn.Module):
 
 
 def avg_pool2(x):
-  """2x2 average pool, stride 2, as a reshape and a mean: its gradient is a broadcast, where
-  `nn.avg_pool`'s (a reduce-window transpose) is slow on XLA:CPU."""
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
 def max_pool2(x):
@@ -267,11 +264,8 @@ def max_pool2(x):
 
 
 def upsample2(x):
-  """Nearest-neighbour x2 upsampling (BigGAN's, not zero insertion), as a broadcast: its
-  gradient is a reshape and a sum."""
-  b, h, w, c = x.shape
-  return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(
-      b, 2 * h, 2 * w, c)
+  """Nearest-neighbour x2 upsampling (BigGAN's, not zero insertion)."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 class SelfAttention(nn.Module):

@@ -34,16 +34,24 @@ def tiny(variant="bigbigan", **overrides):
   return config
 
 
-def test_step_on_8_devices_equals_1_device():
+@pytest.mark.parametrize("weight_grad", ["xla", "matmul"])
+def test_step_on_8_devices_equals_1_device(weight_grad):
   # Adam's first update is about lr * sign(grad): with the default eps=1e-8 a gradient that is
   # ~0 on both sides can flip sign under a different summation order and move a weight by
   # 2 * lr. A larger eps keeps the comparison about the step's math, not that amplification.
-  config = tiny(optim__eps=1e-4)
+  # Even so, on some CPUs a few of E's weights (10 of 35,124 here) get a near-zero gradient
+  # whose sign differs between layouts (E's gradient goes through D's just-updated weights,
+  # so D's rounding reaches it amplified by Adam twice). Such a weight moves by at most
+  # 2 lr; a layout bug would move most of them.
+  config = tiny(optim__eps=1e-4, model__conv_weight_grad=weight_grad)
   one, m1, _ = one_step(config, 1)
   eight, m8, _ = one_step(config, 8)
+  max_lr = max(config.optim.g_lr, config.optim.e_lr, config.optim.d_lr)
   for name in one.params:
-    np.testing.assert_allclose(flat(eight.params[name]), flat(one.params[name]), rtol=1e-4,
-                               atol=1e-6, err_msg=name)
+    a, b = flat(eight.params[name]), flat(one.params[name])
+    off = ~np.isclose(a, b, rtol=1e-4, atol=1e-6)
+    assert off.mean() <= 1e-3, (name, int(off.sum()), a.size)
+    np.testing.assert_array_less(np.abs(a - b), 2 * max_lr + 1e-6, err_msg=name)
   np.testing.assert_allclose(flat(eight.model_state), flat(one.model_state), rtol=1e-4,
                              atol=1e-6)
   for key in m1:
