@@ -36,7 +36,7 @@ PROBE_FEATURES = ("avepool_feat", "bn_crelu_feat")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The BigBiGAN paper's recipe (DESIGN.md §3-5); experiment files change what differs."""
+  """The BigBiGAN paper's recipe (Donahue & Simonyan 2019, with BigGAN's optimiser); experiment files change what differs."""
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()

@@ -95,14 +95,6 @@ def real_batches(config: ml_collections.ConfigDict, split: str, max_examples: in
       return
 
 
-def _pool_to(images: np.ndarray, side: int) -> np.ndarray:
-  """Average-pools square images down to `side` (or leaves them when already smaller)."""
-  res = images.shape[1]
-  while res > side and res % 2 == 0:
-    res //= 2
-  return np.asarray(train.pool_for_discriminator(images, res))
-
-
 # ---------------------------------------------------------------------------------------------
 # Linear probe.
 # ---------------------------------------------------------------------------------------------
@@ -150,17 +142,13 @@ def encoder_standing_stats(encoder, variables: dict, batches) -> dict:
     passes.append(flax.traverse_util.flatten_dict(jax.device_get(fn(variables, images))))
   if not passes:
     raise ValueError("no images to estimate the encoder's BN statistics on")
-  w = np.asarray(counts, np.float64) / np.sum(counts)
   pooled = {}
   for path in passes[0]:
     if path[-1] != "mean":
       continue
     var_path = path[:-1] + ("var",)
-    means = np.stack([np.asarray(p[path], np.float64) for p in passes])
-    variances = np.stack([np.asarray(p[var_path], np.float64) for p in passes])
-    mean = np.tensordot(w, means, axes=1)
-    var = np.tensordot(w, variances + np.square(means - mean), axes=1)
-    pooled[path], pooled[var_path] = mean.astype(np.float32), var.astype(np.float32)
+    pooled[path], pooled[var_path] = inference.pooled_moments(
+        [p[path] for p in passes], [p[var_path] for p in passes], counts)
   return {**variables, "batch_stats": flax.traverse_util.unflatten_dict(pooled)}
 
 
@@ -213,7 +201,7 @@ class LinearProbe:
         for feature in e.probe_features:
           parts.setdefault(prefix + feature, []).append(out[feature])
       if e.probe_baselines:
-        pixels = _pool_to(images, PIXELS_MAX_SIDE)
+        pixels = judge_lib.pool_to_side(images, PIXELS_MAX_SIDE)
         parts.setdefault("pixels", []).append(pixels.reshape(len(pixels), -1))
     if not labels:
       raise ValueError(f"config.data's split {split!r} has no examples to probe")

@@ -1,7 +1,7 @@
 """BigGAN generator (Brock et al. 2018) with hierarchical z and a shared class embedding.
 
 Unconditional BigBiGAN G keeps BigGAN-128's shapes; the 128-d class slot holds a learned
-constant vector (DESIGN.md §1).
+constant vector (our choice: a 1-class embedding).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ E normalise with running statistics and D has no batch norm.
 notebooks and the trainer's evaluators), sharing compiled programs with every other `Model`
 of the same networks and mesh.
 
-Truncation (DESIGN.md §4), `sample_z(..., method=...)`:
+Truncation, `sample_z(..., method=...)`:
   "resample": z ~ N(0, 1) conditioned on |z| <= t, the BigGAN paper's truncation trick
     (values outside [-t, t] redrawn until they fall inside). We draw it by inverting the
     truncated CDF, which gives exactly that distribution at a fixed cost for any t.
@@ -192,20 +192,26 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def pooled_moments(means: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and variance of the union of equal-sized groups, from each group's moments.
+def pooled_moments(means: np.ndarray, variances: np.ndarray, counts=None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and variance of the union of groups, from each group's moments.
 
   Args:
     means: (K, C) per-group means.
     variances: (K, C) per-group (biased) variances.
+    counts: (K,) group sizes; None: equal sizes.
 
   Returns:
-    (mean, variance), each (C,): mean of the means, and the mean of the variances plus the
-    variance of the means (the law of total variance; no E[x^2] - E[x]^2 cancellation).
+    (mean, variance), each (C,): the count-weighted mean of the means, and the weighted mean
+    of the variances plus the weighted variance of the means (the law of total variance; no
+    E[x^2] - E[x]^2 cancellation).
   """
   means = np.asarray(means, np.float64)
-  mean = means.mean(axis=0)
-  var = np.asarray(variances, np.float64).mean(axis=0) + np.square(means - mean).mean(axis=0)
+  k = means.shape[0]
+  w = np.full((k,), 1.0 / k) if counts is None else np.asarray(counts, np.float64)
+  w = w / w.sum()
+  mean = np.tensordot(w, means, axes=1)
+  var = np.tensordot(w, np.asarray(variances, np.float64) + np.square(means - mean), axes=1)
   return mean.astype(np.float32), var.astype(np.float32)
 
 

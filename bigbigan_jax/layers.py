@@ -31,7 +31,7 @@ SPECTRAL = "spectral"
 class SNDense(nn.Module):
   """Dense layer whose kernel is divided by its top singular value (power iteration).
 
-  flax's `nn.SpectralNorm` matches DESIGN.md §4: one power-iteration step per call, `u`
+  flax's `nn.SpectralNorm` matches BigGAN's spectral norm: one power-iteration step per call, `u`
   initialised N(0, 1) and persistent, no gradient through `u`/`v`, `u` written back only
   when `update_stats` is True. We keep its state in the `spectral` collection.
   """
@@ -235,7 +235,7 @@ class ConditionalBatchNorm(nn.Module):
 
   x_hat is standardised with batch statistics and has no affine of its own; W_gamma and
   W_beta are spectrally normalised linear maps without bias. The "1 +" keeps the layer the
-  identity map on x_hat at zero projections (compare_gan dropped it; see DESIGN.md §1).
+  identity map on x_hat at zero projections (compare_gan dropped it, compare_gan#54).
   """
 
   momentum: float = 0.9

@@ -1,6 +1,6 @@
 """Hinge losses of BigGAN and BigBiGAN, and BigGAN's orthogonal regularisation.
 
-Sign conventions (DESIGN.md §4). BigGAN: D pushes real scores above +1 and fake scores below
+Sign conventions (the BigBiGAN TF-Hub colab's). BigGAN: D pushes real scores above +1 and fake scores below
 -1; G raises the scores of its samples. BigBiGAN: D scores encoder pairs (x, E(x)) high and
 generator pairs (G(z), z) low, each of s_x, s_z, s_xz hinged separately; E lowers the scores
 of its pairs and G raises the scores of its own, through one shared loss.
@@ -85,7 +85,7 @@ def orthogonal_regularizer(params, beta: float) -> jax.Array:
   W is the kernel reshaped to (fan_in, out), so the penalty decorrelates output filters
   without fixing their norms. Only leaves named "kernel" count: biases, BN affines, the
   attention gate, the learned class constant and the shared class embedding ("embedding",
-  DESIGN.md §4) are exempt. Apply it to G's raw (pre-spectral-norm) parameters.
+  BigGAN's choice) are exempt. Apply it to G's raw (pre-spectral-norm) parameters.
   """
   total = jnp.zeros((), jnp.float32)
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):

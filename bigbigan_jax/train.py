@@ -76,7 +76,7 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def make_optimizers(config: ml_collections.ConfigDict):
-  """(D's optimiser, G+E's optimiser): Adam with β1=0, β2=0.999 by default (DESIGN.md §5)."""
+  """(D's optimiser, G+E's optimiser): Adam with β1=0, β2=0.999 by default (BigGAN's recipe)."""
   o = config.optim
   adam = lambda lr: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
   ge = optax.multi_transform(

@@ -8,4 +8,4 @@ from bigbigan_jax.config import base_config
 
 
 def get_config():
-  return base_config()  # The base schema is this recipe (DESIGN.md §3-5).
+  return base_config()  # The base schema is this recipe (the paper's).

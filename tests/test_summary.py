@@ -18,7 +18,7 @@ def test_biggan_128_counts_match_reference_exactly():
       [sys.executable, "-m", "bigbigan_jax.summary", "--config=configs/biggan_128.py", "--json"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
   counts = json.loads(out.stdout.strip().splitlines()[-1])
-  # BigGAN-PyTorch and compare_gan agree on these (DESIGN.md §1).
+  # BigGAN-PyTorch and compare_gan agree on these (and the BigGAN paper: 70.4M / 88.0M).
   assert counts == {"generator": 70_433_988, "encoder": None, "discriminator": 87_982_370}
 
 
