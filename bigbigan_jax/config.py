@@ -16,7 +16,7 @@ import ml_collections
 
 # Resolutions the networks know. The block tables live with the networks
 # (generator.G_ARCH, discriminator.D_ARCH); this is the user-facing list.
-RESOLUTIONS = (32, 64, 128, 256)
+RESOLUTIONS = (16, 32, 64, 128, 256)
 MODEL_KINDS = ("bigbigan", "biggan")
 ENCODER_ARCHS = ("resnet_v2", "revnet")
 ENCODER_STEMS = ("imagenet", "small")
@@ -190,8 +190,9 @@ def _positive(config, field: str, integer: bool = True):
 
 
 def num_g_blocks(resolution: int) -> int:
-  """G's residual blocks at a resolution: 4x4 doubled up to it (32 is BGP's 3-block CIFAR net)."""
-  return {32: 3, 64: 4, 128: 5, 256: 6}[resolution]
+  """G's residual blocks at a resolution: 4x4 doubled up to it (32 is BGP's 3-block CIFAR net;
+  16 is that net less its first block, for data with little more than 8x8 of detail)."""
+  return {16: 2, 32: 3, 64: 4, 128: 5, 256: 6}[resolution]
 
 
 def validate_model(model: ml_collections.ConfigDict) -> None:

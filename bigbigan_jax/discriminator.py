@@ -13,6 +13,7 @@ from bigbigan_jax import layers
 
 # Output channel multipliers of `ch` and whether each block ends with a 2x2 average pool.
 D_ARCH = {
+    16: ((4, 4, 4), (True, False, False)),
     32: ((4, 4, 4, 4), (True, True, False, False)),
     64: ((1, 2, 4, 8, 16), (True,) * 5),
     128: ((1, 2, 4, 8, 16, 16), (True,) * 5 + (False,)),

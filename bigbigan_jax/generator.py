@@ -14,6 +14,7 @@ from bigbigan_jax import layers
 
 # Channel multipliers of `ch`, input and output of each up-sampling residual block.
 G_ARCH = {
+    16: ((4, 4), (4, 4)),
     32: ((4, 4, 4), (4, 4, 4)),
     64: ((16, 16, 8, 4), (16, 8, 4, 2)),
     128: ((16, 16, 8, 4, 2), (16, 8, 4, 2, 1)),

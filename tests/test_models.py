@@ -241,3 +241,25 @@ def test_config_of_an_earlier_version_gets_the_new_fields_at_their_defaults():
   assert restored.model.encoder.stem == "imagenet"
   assert restored.model.conv_weight_grad == "auto"
   assert restored.model.ch == config.model.ch
+
+
+def test_resolution_16_is_the_32_px_net_less_its_first_block():
+  # For data with little more than 8x8 of detail: G 4→8→16 (2 blocks, z in 3 chunks), D
+  # 16→8 then two blocks at 8, E at 32 px with D seeing its input average-pooled to 16.
+  config = config_lib.load(str(CONFIGS / "tiny.py"))
+  config.model.resolution, config.model.z_dim = 16, 9
+  config.model.g_attention_res = config.model.d_attention_res = 8
+  config.model.encoder.resolution = 32
+  nets = models.build(config.model)
+  variables = jax.jit(nets.init, static_argnums=1)(jax.random.PRNGKey(0), 4)
+  assert nets.generator.num_chunks == 3
+  assert sorted(k for k in variables["generator"]["params"] if k.startswith("block")) == [
+      "block_0", "block_1"]
+  z = jax.random.normal(jax.random.PRNGKey(1), (4, 9))
+  x = nets.generator.apply(variables["generator"], z, train=False)
+  assert x.shape == (4, 16, 16, 3)
+  scores = nets.discriminator.apply(variables["discriminator"], x, z, train=False)
+  assert {k: v.shape for k, v in scores.items()} == {k: (4,) for k in ("s_x", "s_z", "s_xz")}
+  config.model.z_dim = 8
+  with pytest.raises(ValueError, match="multiple of 3"):
+    config_lib.validate_model(config.model)
