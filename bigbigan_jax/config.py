@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = (("data", -1),)  # Axis names and sizes; -1 takes the remaining devices.
   c.shard_params = False  # Split params and optimiser state over "data" (ZeRO-3 style).
   c.distributed = False  # Call jax.distributed.initialize() first (multi-host).
+  # In a multi-process run, a process not heard from for this long is lost: the others exit
+  # (status 75) with a message instead of hanging in a collective (bigbigan_jax/faults.py).
+  c.lost_process_timeout_s = 120.0
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5_000
@@ -271,6 +274,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "num_sample_images"):
     _positive(config, field)
+  _positive(config, "lost_process_timeout_s", integer=False)
   if config.data.source == "folder" and not config.data.folder:
     _fail("data.folder", config.data.folder, "data.source='folder' needs the folder's path")
   validate_eval(config)
