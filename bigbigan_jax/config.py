@@ -108,6 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_flip = True
   c.data.shuffle_buffer = 10_000
   c.data.prefetch = 2
+  # Images of a folder source that fail to decode. False: the first batch that holds one
+  # stops the run with a ValueError naming the file(s). True: every file of the split is
+  # decoded once at start-up and the failures are left out (one warning lists them), so
+  # batches stay a function of (seed, step).
+  c.data.skip_corrupt = False
 
   c.sample = ml_collections.ConfigDict()
   c.sample.truncation = "resample"  # "resample" (paper) or "scaled" (TF-Hub t * truncnorm[-2, 2]).
@@ -271,6 +276,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "num_sample_images"):
     _positive(config, field)
+  if not isinstance(config.data.skip_corrupt, bool):
+    _fail("data.skip_corrupt", config.data.skip_corrupt, "it must be True or False")
   if config.data.source == "folder" and not config.data.folder:
     _fail("data.folder", config.data.folder, "data.source='folder' needs the folder's path")
   validate_eval(config)

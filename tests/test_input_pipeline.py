@@ -1,6 +1,8 @@
 """Tests of the input pipeline on data the tests make themselves (nothing is downloaded)."""
 
 import json
+import logging
+import re
 
 import numpy as np
 from PIL import Image
@@ -339,3 +341,69 @@ def test_folder_slices_partition_a_split_over_every_class(tmp_path):
     input_pipeline.create_input_iter(c, split="train[:x]", train=False)
   with pytest.raises(ValueError, match="selects none of its 20 images"):
     input_pipeline.create_input_iter(c, split="train[50%:50%]", train=False)
+
+
+def _truncated_jpeg(path):
+  """A valid 16x16 JPEG cut to its first third: tf's decoder rejects it ("jpeg::Uncompress
+  failed"), even cut to 90%, since decode_image never recovers truncated files."""
+  pixels = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(path)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 3])
+  return str(path)
+
+
+@pytest.fixture
+def corrupt_folder(tmp_path):
+  """class0/ and class1/ with 4 grey PNGs each (values 0..3, 10..13) and one truncated JPEG."""
+  _class_tree(tmp_path / "data", (4, 4))
+  return str(tmp_path / "data"), _truncated_jpeg(tmp_path / "data" / "class1" / "bad.jpg")
+
+
+def test_corrupt_image_is_named(corrupt_folder):
+  folder, bad = corrupt_folder
+  c = make_config(source="folder", folder=folder, augment="resnet")
+  c.batch_size = 4
+  # 9 files, batches of 4: the bad file is in one of the first 3 batches.
+  with pytest.raises(ValueError, match=re.escape(bad) + ".*skip_corrupt=True"):
+    take(c, 3)
+  with pytest.raises(ValueError, match=re.escape(bad) + " cannot be decoded"):
+    list(input_pipeline.create_input_iter(c, train=False, process_index=0, process_count=1))
+  # A failing batch whose files all decode (not pinned down): the whole split is searched.
+  source = input_pipeline._folder_source(folder, "train")
+  error = input_pipeline._explain_file_error(source, np.arange(2), RuntimeError("tf's"))
+  assert isinstance(error, ValueError) and bad in str(error) and "not checked" not in str(error)
+
+
+def test_skip_corrupt_leaves_the_file_out_and_resumes_exactly(corrupt_folder, caplog):
+  folder, bad = corrupt_folder
+  c = make_config(source="folder", folder=folder, augment="resnet", random_flip=True,
+                  skip_corrupt=True)
+  c.batch_size = 4
+  with caplog.at_level(logging.WARNING):
+    it, straight = take(c, 6)  # 3 epochs of the 8 sound files.
+  assert any(bad in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+  assert it.num_examples == 8
+  # Grey images stay flat through crop and flip: the first pixel says which image it is.
+  values = np.concatenate([np.round((b["image"][:, 0, 0, 0] + 1) * 127.5) for b in straight])
+  assert np.bincount(values.astype(int)).nonzero()[0].tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
+  it, first = take(c, 3)
+  _, rest = take(c, 3, start_state=json.loads(json.dumps(it.get_state())))
+  assert_batches_equal(straight, first + rest)
+
+
+def test_failing_batch_indices_are_the_streams():
+  # Labels 0..12 name the examples, so the stream's labels are the source indices.
+  n = 13
+  source = input_pipeline._IndexedSource("t", "train", "decoded", np.zeros((n, 4, 4, 3)),
+                                         np.arange(n))
+  for process_index in range(2):
+    ds = input_pipeline._indexed_train_stream(
+        source, seed=3, batch_size=8, process_index=process_index, process_count=2,
+        start_step=0, mode="none", flip=False, resolution=4)
+    labels = [b["label"] for b in ds.batch(4).take(5).as_numpy_iterator()]
+    for step, got in enumerate(labels):
+      want = input_pipeline._train_batch_indices(n, seed=3, batch_size=8, step=step,
+                                                 process_index=process_index, process_count=2)
+      np.testing.assert_array_equal(got, want)
+
