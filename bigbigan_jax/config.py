@@ -108,10 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_flip = True
   c.data.shuffle_buffer = 10_000
   c.data.prefetch = 2
-  # Images of a folder source that fail to decode. False: the first batch that holds one
-  # stops the run with a ValueError naming the file(s). True: every file of the split is
-  # decoded once at start-up and the failures are left out (one warning lists them), so
-  # batches stay a function of (seed, step).
+  # Images that fail to decode. False: the first batch that holds one stops the run with a
+  # ValueError naming the file(s). True: folder sources decode every file of the split once at
+  # start-up and leave the failures out (one warning lists them), so batches stay a function
+  # of (seed, step); tfds sources drop failing records as they come, with a warning each.
   c.data.skip_corrupt = False
 
   c.sample = ml_collections.ConfigDict()

@@ -47,10 +47,13 @@ needs every process); the last batches are padded with zero images labelled 0, a
 "mask" key marks the real examples, so no example is dropped or counted twice.
 
 Images that fail to decode (`config.data.skip_corrupt`). By default the batch that holds one
-of a folder source stops the iterator with a ValueError that names the file(s), found by
-decoding that batch's files again one by one. With skip_corrupt=True a folder source decodes
-every file of its split once at start-up and leaves out the failures before the seeded
-permutation, so batches stay a function of (seed, step) and resumption is exact.
+stops the iterator with a ValueError that names the file(s), found by decoding that batch's
+files again one by one (tfds records have no file name: the error names the split). With
+skip_corrupt=True a folder source decodes every file of its split once at start-up and leaves
+out the failures before the seeded permutation, so batches stay a function of (seed, step) and
+resumption is exact; tfds drops failing records as it reads them, which keeps every epoch's
+batch count but shifts a resumed epoch's batches when a dropped record precedes the resume
+point (see `_tfds_train_batches`).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ STATE_VERSION = 1
 # Salts keep the shuffle and augmentation streams independent of each other for one seed.
 _SHUFFLE_SALT = 0x5EED
 _AUGMENT_SALT = 0xA06
-# What tf.data raises for an image that does not decode.
+# What tf.data raises for an image that does not decode (and for a damaged TFRecord).
 DECODE_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError)
 SKIP_HINT = "set --config.data.skip_corrupt=True to skip such {} with a warning"
 
@@ -715,6 +718,14 @@ def _without_corrupt(source: _IndexedSource) -> _IndexedSource:
                         source.labels[keep], source.class_names)
 
 
+def _explain_record_error(name: str, split: str, step: int, error: Exception) -> ValueError:
+  """The ValueError for a tfds record that does not decode: the split and the two fixes."""
+  return ValueError(
+      f"tfds {name}[{split}] has a record that cannot be decoded in batch {step} of this "
+      f"process ({_tf_message(error)}): rebuild the dataset with `tfds build {name}`, or "
+      f"{SKIP_HINT.format('records')}.")
+
+
 # ---------------------------------------------------------------------------------------------
 # tensorflow-datasets.
 
@@ -822,10 +833,17 @@ def _epoch_seeds(seed: int, epoch: int, process_index: int) -> tuple[int, int]:
 def _tfds_train_batches(source: _TfdsSource, split, *, seed: int, local: int,
                         steps_per_epoch: int, shuffle_buffer: int, process_index: int,
                         start_step: int, mode: str, flip: bool, resolution: int,
-                        prefetch: int) -> Iterator[dict]:
-  """Endless batches, one freshly seeded tf.data pipeline per epoch."""
-  epoch, skip_batches = divmod(start_step, steps_per_epoch)
-  while True:
+                        prefetch: int, skip_corrupt: bool = False) -> Iterator[dict]:
+  """Endless batches, one freshly seeded tf.data pipeline per epoch.
+
+  With `skip_corrupt`, records that fail to decode are dropped (a warning each) and the epoch
+  is topped up from its own start, so it still yields steps_per_epoch batches and steps stay
+  aligned with epochs. Resuming is then exact except inside an epoch where a dropped record
+  precedes the resume point: the resumed run skips records before decoding them, so its
+  batches of that epoch are shifted by the dropped records (later epochs are exact again).
+  """
+
+  def records(epoch, skip_batches):
     file_seed, buffer_seed = _epoch_seeds(seed, epoch, process_index)
     ds = source.read(split, shuffle_files=True,
                      read_config=tfds.ReadConfig(shuffle_seed=file_seed))
@@ -834,18 +852,33 @@ def _tfds_train_batches(source: _TfdsSource, split, *, seed: int, local: int,
     ds = ds.enumerate().skip(skip_batches * local)
     ds = ds.take((steps_per_epoch - skip_batches) * local)
 
-    def prepare(i, example, epoch=epoch):
+    def prepare(i, example):
       data, label = example
       image = preprocess_image(data, source.kind, mode=mode, resolution=resolution,
                                seed=_example_seed(seed, epoch, process_index, i), flip=flip)
       return {"image": image, "label": label}
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    yield from _finish(ds, local, prefetch)
+    return ds.ignore_errors(log_warning=True) if skip_corrupt else ds
+
+  epoch, skip_batches = divmod(start_step, steps_per_epoch)
+  while True:
+    ds = records(epoch, skip_batches)
+    if skip_corrupt:  # The top-up is only read when records were dropped.
+      ds = ds.concatenate(records(epoch, 0)).take((steps_per_epoch - skip_batches) * local)
+    count = 0
+    for count, batch in enumerate(_finish(ds, local, prefetch), 1):
+      yield batch
+    if not count:
+      raise ValueError(f"No record of tfds {source.name}[{source.split}] in epoch {epoch} of "
+                       "this process decodes (config.data.skip_corrupt=True dropped them all).")
     epoch, skip_batches = epoch + 1, 0
 
 
 def _tfds_eval_stream(source: _TfdsSource, split, *, local: int, start_step: int,
-                      num_batches: int, mode: str, resolution: int) -> tf.data.Dataset:
+                      num_batches: int, mode: str, resolution: int,
+                      skip_corrupt: bool = False) -> tf.data.Dataset:
+  """This process's shard in order, padded; with `skip_corrupt`, records that fail to
+  decode are dropped (a warning each) and the padding makes up for them."""
   ds = source.read(split, shuffle_files=False).skip(start_step * local)
 
   def prepare(data, label):
@@ -853,6 +886,8 @@ def _tfds_eval_stream(source: _TfdsSource, split, *, local: int, start_step: int
                              seed=tf.zeros([2], tf.int64), flip=False)
     return {"image": image, "label": label, "mask": tf.constant(True)}
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  if skip_corrupt:
+    ds = ds.ignore_errors(log_warning=True)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(_pad_element(resolution)).repeat())
   return ds.take((num_batches - start_step) * local)
 
@@ -915,7 +950,7 @@ def create_input_iter(config: ml_collections.ConfigDict, *, split: Optional[str]
     ValueError: for a batch size that does not split over the processes, a missing or empty
       folder, an unknown tfds dataset or split, a dataset that is not prepared, or a dataset
       too small for one batch per process. The iterator's `next` raises ValueError for an
-      image of a folder that does not decode, naming the file, unless
+      image that does not decode, naming the file (folders) or the split (tfds), unless
       config.data.skip_corrupt.
   """
   hide_accelerators_from_tf()
@@ -966,6 +1001,8 @@ def create_input_iter(config: ml_collections.ConfigDict, *, split: Optional[str]
   step = _start_step(start_state, meta)
   common = dict(step=step, meta=meta, local_batch_size=local, resolution=resolution,
                 num_examples=n, class_names=class_names)
+  if data.source == "tfds":
+    common["explain"] = lambda s, e: _explain_record_error(data.name, split, s, e)
 
   if not train:
     # Every process yields as many batches as the largest shard needs (shards differ by <= 1).
@@ -976,7 +1013,8 @@ def create_input_iter(config: ml_collections.ConfigDict, *, split: Optional[str]
       per_process = max(per_process, own)  # mock_data ignores the shard and yields everything.
       num_batches = -(-per_process // local)
       ds = _tfds_eval_stream(source, shard, local=local, start_step=min(step, num_batches),
-                             num_batches=num_batches, mode=mode, resolution=resolution)
+                             num_batches=num_batches, mode=mode, resolution=resolution,
+                             skip_corrupt=skip_corrupt)
     else:
       num_batches = -(-per_process // local)
       ds = _indexed_eval_stream(source, local=local, process_index=process_index,
@@ -1003,7 +1041,8 @@ def create_input_iter(config: ml_collections.ConfigDict, *, split: Optional[str]
     batches = _tfds_train_batches(
         source, shard, seed=seed, local=local, steps_per_epoch=steps_per_epoch,
         shuffle_buffer=int(data.shuffle_buffer), process_index=process_index,
-        start_step=step, mode=mode, flip=flip, resolution=resolution, prefetch=data.prefetch)
+        start_step=step, mode=mode, flip=flip, resolution=resolution, prefetch=data.prefetch,
+        skip_corrupt=skip_corrupt)
     epoch_of_step = lambda s: s // steps_per_epoch
   else:
     ds = _indexed_train_stream(source, seed=seed, batch_size=batch_size,

@@ -1,5 +1,6 @@
 """Tests of the input pipeline on data the tests make themselves (nothing is downloaded)."""
 
+import io
 import json
 import logging
 import re
@@ -407,3 +408,54 @@ def test_failing_batch_indices_are_the_streams():
                                                  process_index=process_index, process_count=2)
       np.testing.assert_array_equal(got, want)
 
+
+class BigbiganTestCorrupt(tfds.core.GeneratorBasedBuilder):
+  """20 JPEG records labelled by index; record 7 is a truncated JPEG."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=20),
+        }),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    rng = np.random.default_rng(0)
+    for i in range(20):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(buf, "JPEG")
+      data = buf.getvalue()
+      yield i, {"image": io.BytesIO(data[:len(data) // 3] if i == 7 else data), "label": i}
+
+
+def test_tfds_corrupt_record(tmp_path):
+  BigbiganTestCorrupt(data_dir=str(tmp_path)).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  c = make_config(source="tfds", name="bigbigan_test_corrupt", data_dir=str(tmp_path),
+                  train_split="train", eval_split="train")
+  c.batch_size = 4
+  with pytest.raises(ValueError, match=r"tfds bigbigan_test_corrupt\[train\] has a record "
+                     "that cannot be decoded.*skip_corrupt=True"):
+    take(c, 5)
+  c.data.skip_corrupt = True
+  # Epoch 0 is topped up with its own first record, so epochs keep 5 batches and resuming
+  # at an epoch's start is exact.
+  it, straight = take(c, 7)
+  labels = np.concatenate([b["label"] for b in straight])
+  assert 7 not in labels and len(set(labels[:20])) == 19 and labels[19] == labels[0]
+  _, rest = take(c, 2, start_state=dict(it.get_state(), step=5))
+  assert_batches_equal(straight[5:], rest)
+  batches = list(input_pipeline.create_input_iter(c, train=False, process_index=0,
+                                                  process_count=1))
+  assert len(batches) == 5
+  seen = np.concatenate([b["label"][b["mask"]] for b in batches])
+  assert sorted(seen) == sorted(set(range(20)) - {7})
