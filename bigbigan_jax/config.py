@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Images that fail to decode. False: the first batch that holds one stops the run with a
   # ValueError naming the file(s). True: folder sources decode every file of the split once at
   # start-up and leave the failures out (one warning lists them), so batches stay a function
-  # of (seed, step); tfds sources drop failing records as they come, with a warning each.
+  # of (seed, step); tfds sources drop failing records as they come (a warning counts them).
   c.data.skip_corrupt = False
 
   c.sample = ml_collections.ConfigDict()

@@ -836,14 +836,15 @@ def _tfds_train_batches(source: _TfdsSource, split, *, seed: int, local: int,
                         prefetch: int, skip_corrupt: bool = False) -> Iterator[dict]:
   """Endless batches, one freshly seeded tf.data pipeline per epoch.
 
-  With `skip_corrupt`, records that fail to decode are dropped (a warning each) and the epoch
-  is topped up from its own start, so it still yields steps_per_epoch batches and steps stay
-  aligned with epochs. Resuming is then exact except inside an epoch where a dropped record
-  precedes the resume point: the resumed run skips records before decoding them, so its
-  batches of that epoch are shifted by the dropped records (later epochs are exact again).
+  With `skip_corrupt`, records that fail to decode are dropped and the epoch is topped up
+  from its own start, so it still yields steps_per_epoch batches and steps stay aligned with
+  epochs; one warning per epoch counts them (tf's own per-record warnings are C++ logs, which
+  the entry points hide). Resuming is then exact except inside an epoch where a dropped
+  record precedes the resume point: the resumed run skips records before decoding them, so
+  its batches of that epoch are shifted by the dropped records (later epochs are exact).
   """
 
-  def records(epoch, skip_batches):
+  def records(epoch, skip_batches, top_up=False):
     file_seed, buffer_seed = _epoch_seeds(seed, epoch, process_index)
     ds = source.read(split, shuffle_files=True,
                      read_config=tfds.ReadConfig(shuffle_seed=file_seed))
@@ -856,7 +857,9 @@ def _tfds_train_batches(source: _TfdsSource, split, *, seed: int, local: int,
       data, label = example
       image = preprocess_image(data, source.kind, mode=mode, resolution=resolution,
                                seed=_example_seed(seed, epoch, process_index, i), flip=flip)
-      return {"image": image, "label": label}
+      if not skip_corrupt:
+        return {"image": image, "label": label}
+      return {"image": image, "label": label, "top_up": tf.constant(top_up)}
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.ignore_errors(log_warning=True) if skip_corrupt else ds
 
@@ -864,21 +867,42 @@ def _tfds_train_batches(source: _TfdsSource, split, *, seed: int, local: int,
   while True:
     ds = records(epoch, skip_batches)
     if skip_corrupt:  # The top-up is only read when records were dropped.
-      ds = ds.concatenate(records(epoch, 0)).take((steps_per_epoch - skip_batches) * local)
-    count = 0
+      ds = ds.concatenate(records(epoch, 0, top_up=True))
+      ds = ds.take((steps_per_epoch - skip_batches) * local)
+    count = topped_up = 0
     for count, batch in enumerate(_finish(ds, local, prefetch), 1):
+      if skip_corrupt:
+        topped_up += int(batch.pop("top_up").sum())
       yield batch
     if not count:
       raise ValueError(f"No record of tfds {source.name}[{source.split}] in epoch {epoch} of "
                        "this process decodes (config.data.skip_corrupt=True dropped them all).")
+    if topped_up:
+      logging.warning("tfds %s[%s], epoch %d of process %d: %d records did not decode and were "
+                      "skipped (config.data.skip_corrupt=True); the epoch was topped up with "
+                      "its first records. TF_CPP_MIN_LOG_LEVEL=0 shows tf's message for each.",
+                      source.name, source.split, epoch, process_index, topped_up)
     epoch, skip_batches = epoch + 1, 0
+
+
+def _warn_of_skipped(batches: Iterator[dict], *, num_batches: int, expected: int,
+                     what: str) -> Iterator[dict]:
+  """Passes evaluation batches on and, with the last one, warns if fewer than `expected`
+  real examples came (records that skip_corrupt dropped)."""
+  seen = 0
+  for i, batch in enumerate(batches, 1):
+    seen += int(batch["mask"].sum())
+    if i == num_batches and seen < expected:
+      logging.warning("%s: %d of this process's %d records did not decode and were skipped "
+                      "(config.data.skip_corrupt=True).", what, expected - seen, expected)
+    yield batch
 
 
 def _tfds_eval_stream(source: _TfdsSource, split, *, local: int, start_step: int,
                       num_batches: int, mode: str, resolution: int,
                       skip_corrupt: bool = False) -> tf.data.Dataset:
   """This process's shard in order, padded; with `skip_corrupt`, records that fail to
-  decode are dropped (a warning each) and the padding makes up for them."""
+  decode are dropped and the padding makes up for them (see `_warn_of_skipped`)."""
   ds = source.read(split, shuffle_files=False).skip(start_step * local)
 
   def prepare(data, label):
@@ -1024,6 +1048,10 @@ def create_input_iter(config: ml_collections.ConfigDict, *, split: Optional[str]
       common["explain"] = lambda s, e: _explain_file_error(source, _eval_batch_indices(
           n, local=local, process_index=process_index, process_count=process_count, step=s), e)
     batches = _finish(ds, local, data.prefetch)
+    if data.source == "tfds" and skip_corrupt:
+      start = min(step, num_batches) * local
+      batches = _warn_of_skipped(batches, num_batches=num_batches - min(step, num_batches),
+                                 expected=max(own - start, 0), what=f"tfds {data.name}[{split}]")
     logging.info("Eval input %s[%s]: %d examples, %d batches of %d per process, %dx%d.",
                  name, split, n, num_batches, local, resolution, resolution)
     return InputIterator(batches, num_batches=num_batches, steps_per_epoch=num_batches,

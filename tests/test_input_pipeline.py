@@ -436,7 +436,7 @@ class BigbiganTestCorrupt(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": io.BytesIO(data[:len(data) // 3] if i == 7 else data), "label": i}
 
 
-def test_tfds_corrupt_record(tmp_path):
+def test_tfds_corrupt_record(tmp_path, caplog):
   BigbiganTestCorrupt(data_dir=str(tmp_path)).download_and_prepare(
       download_config=tfds.download.DownloadConfig(
           compute_stats=tfds.download.ComputeStatsMode.SKIP))
@@ -449,13 +449,19 @@ def test_tfds_corrupt_record(tmp_path):
   c.data.skip_corrupt = True
   # Epoch 0 is topped up with its own first record, so epochs keep 5 batches and resuming
   # at an epoch's start is exact.
-  it, straight = take(c, 7)
+  with caplog.at_level(logging.WARNING):
+    it, straight = take(c, 7)
+  assert "epoch 0 of process 0: 1 records did not decode and were skipped" in caplog.text
   labels = np.concatenate([b["label"] for b in straight])
   assert 7 not in labels and len(set(labels[:20])) == 19 and labels[19] == labels[0]
+  assert set(straight[0]) == {"image", "label"}
   _, rest = take(c, 2, start_state=dict(it.get_state(), step=5))
   assert_batches_equal(straight[5:], rest)
-  batches = list(input_pipeline.create_input_iter(c, train=False, process_index=0,
-                                                  process_count=1))
-  assert len(batches) == 5
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    batches = list(input_pipeline.create_input_iter(c, train=False, process_index=0,
+                                                    process_count=1))
+  assert "1 of this process's 20 records did not decode" in caplog.text
+  assert len(batches) == 5 and set(batches[0]) == {"image", "label", "mask"}
   seen = np.concatenate([b["label"][b["mask"]] for b in batches])
   assert sorted(seen) == sorted(set(range(20)) - {7})
