@@ -30,6 +30,8 @@ from jax.experimental import multihost_utils
 # The exit status of a process that stops because another one was lost (EX_TEMPFAIL: the
 # job can be rerun as it is).
 EXIT_LOST_PROCESS = 75
+# How far apart the processes may be in starting up and compiling the step.
+COMPILE_SKEW_TIMEOUT_S = 1800
 _KEY = "bigbigan_jax/alive/{}"
 _DONE = "bigbigan_jax/done/{}"
 
@@ -84,7 +86,8 @@ class ProcessWatch:
 
   Every `interval_s` a daemon thread bumps this process's counter in the coordination
   service's key-value store and reads everyone else's. A counter that has not moved for
-  `timeout_s` by this process's clock (no clocks are compared) means its process is lost;
+  `timeout_s` by this process's clock (no clocks are compared) means its process is lost
+  (one never heard from gets COMPILE_SKEW_TIMEOUT_S to start);
   so does a store that stops answering for as long (it lives in process 0). A process that
   finished (`finished`) is not waited for.
   """
@@ -139,7 +142,10 @@ class ProcessWatch:
                           "process 0 died or its host was lost.")
       return None
     for p, (value, since) in self._seen.items():
-      if value != "done" and now - since > self._timeout:
+      # Until a process is first heard from it may still be starting (listing a dataset,
+      # building evaluators on a slower host): it gets the compile-skew allowance.
+      limit = self._timeout if value is not None else max(self._timeout, COMPILE_SKEW_TIMEOUT_S)
+      if value != "done" and now - since > limit:
         return self._lost(f"Process {p} of {len(self._others) + 1} has not been heard from "
                           f"for {now - since:.0f} s: it died or its host was lost.")
     return None
@@ -176,6 +182,21 @@ def _try_get(client, key: str) -> Optional[str]:
     if "NOT_FOUND" in str(error) or "not found" in str(error).lower():
       return None
     raise
+
+
+def compile_on_every_process(jitted, *args):
+  """Compiles `jitted` for `args` and, in a multi-process run, waits until every process has.
+
+  Compile times differ between hosts (and a loaded CPU host may take minutes more): the first
+  step's collectives would otherwise wait for the slowest compile, and gloo gives up on a
+  peer after 30 s. The wait is a coordination-service barrier, which has no such limit.
+  """
+  compiled = jitted.lower(*args).compile()
+  if jax.process_count() > 1:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    distributed.global_state.client.wait_at_barrier(
+        "bigbigan_jax/step_compiled", COMPILE_SKEW_TIMEOUT_S * 1000)
+  return compiled
 
 
 @contextlib.contextmanager

@@ -454,7 +454,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       with faults.collectives(f"Step {step}", workdir):
         if step == start + 1:
           previews.set_reals(local["image"][-1])
-        state, metrics = step_fn(state, to_global(local, config, nets, mesh))
+        batch = to_global(local, config, nets, mesh)
+        if step == start + 1:
+          step_fn = faults.compile_on_every_process(step_fn, state, batch)
+        state, metrics = step_fn(state, batch)
         # Checking one step late keeps the device busy while the host looks; the run still
         # stops at the first non-finite step, before any checkpoint of it is written.
         if previous is not None:

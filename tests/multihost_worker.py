@@ -26,10 +26,14 @@ if num_processes > 1:
   jax.distributed.initialize(coordinator_address=f"localhost:{port}",
                              num_processes=num_processes, process_id=process_id)
 
+from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bigbigan_jax import config as config_lib  # noqa: E402
 from bigbigan_jax import train  # noqa: E402
+
+logging.use_absl_handler()  # The trainer's console lines, as `python -m bigbigan_jax.main`.
+logging.set_verbosity(logging.INFO)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 config = config_lib.load(os.path.join(ROOT, "configs", "tiny.py"))
