@@ -8,9 +8,17 @@ a step folder is either whole or absent, and a crash mid-save leaves the last on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
+import time
+from typing import Callable
 
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 import tensorflow as tf
@@ -72,30 +80,146 @@ def read_latest(workdir: str) -> tuple[int | None, dict | None, dict | None]:
   return step, restored.meta, restored.data
 
 
-def check_compatible(workdir: str, config: ml_collections.ConfigDict):
-  """Raises ValueError if the workdir's checkpoint was made by a different model config.
-
-  Returns:
-    (step, data position) of the checkpoint the run will resume from, or (None, None).
-  """
-  step, meta, data = read_latest(workdir)
-  if step is None:
-    return None, None
+def _signature_diffs(meta: dict, config: ml_collections.ConfigDict) -> list[str]:
   wanted = dict(_flatten(model_signature(config)))
   # A field the checkpoint does not know was added later, with the earlier behaviour as its
   # default: the checkpoint was made with the default.
   defaults = dict(_flatten(model_signature(config_lib.base_config())))
   saved = {**{k: v for k, v in defaults.items() if k in wanted},
            **dict(_flatten(meta["signature"]))}
-  diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}"
-           for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+  return [f"{k}: checkpoint {saved.get(k)!r} vs config {wanted.get(k)!r}"
+          for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+
+
+def _refuse_other_model(workdir: str, step: int, diffs: list[str]):
+  raise ValueError(
+      f"--workdir={workdir} holds a checkpoint (step {step}) of a different model:\n  "
+      + "\n  ".join(diffs)
+      + "\nUse a new --workdir for this config, or the config that made the checkpoint. "
+      "Nothing in the workdir was changed.")
+
+
+def check_compatible(workdir: str, config: ml_collections.ConfigDict):
+  """Raises ValueError if the workdir's checkpoint was made by a different model config.
+
+  Returns:
+    (step, data position) of the newest checkpoint, or (None, None).
+  """
+  step, meta, data = read_latest(workdir)
+  if step is None:
+    return None, None
+  diffs = _signature_diffs(meta, config)
   if diffs:
-    raise ValueError(
-        f"--workdir={workdir} holds a checkpoint (step {step}) of a different model:\n  "
-        + "\n  ".join(diffs)
-        + "\nUse a new --workdir for this config, or the config that made the checkpoint. "
-        "Nothing in the workdir was changed.")
+    _refuse_other_model(workdir, step, diffs)
   return step, data
+
+
+def _describe(error: Exception) -> str:
+  text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
+  return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+# What orbax's event-loop callbacks print, from several threads at once, after a restore
+# failed on damaged files: one "Event loop is closed" traceback per unreadable chunk.
+_NOISE = ("Traceback (most recent call last):", "asyncio/base_events.py", "_check_closed()",
+          "Event loop is closed")
+
+
+@contextlib.contextmanager
+def _stderr_filtered(noisy: Callable[[], bool]):
+  """Passes on what is written to stderr inside `with`; if `noisy()` says a restore failed,
+  less the lines of that noise (the error itself says what is wrong, in one line)."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      if noisy():
+        time.sleep(0.5)  # The last callbacks of a failed read.
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      lines = held.read().decode(errors="replace").splitlines(keepends=True)
+      if noisy():
+        lines = [line for line in lines if not any(n in line for n in _NOISE)]
+      sys.stderr.write("".join(lines))
+      sys.stderr.flush()
+
+
+def damaged_dir(workdir: str) -> str:
+  """Where damaged steps are moved: beside checkpoints/, so orbax no longer lists them."""
+  return os.path.join(os.path.dirname(checkpoint_dir(workdir)), "damaged_checkpoints")
+
+
+def restore_newest_intact(workdir: str, config: ml_collections.ConfigDict, abstract_state):
+  """Restores the newest checkpoint that reads back whole, for resuming training.
+
+  A step whose files were truncated or partly deleted after it was written (a disk error, a
+  partial copy between buckets) fails to read: the run falls back to the newest step older
+  than it that reads, and the damaged ones are moved to WORKDIR/damaged_checkpoints/ (so the
+  resumed run can save those step numbers again) with a warning. Nothing is deleted.
+
+  Returns:
+    (step, train state on `abstract_state`'s shardings, data position), or Nones if the
+    workdir has no checkpoint.
+
+  Raises:
+    ValueError: the newest readable checkpoint is of a different model, or no step reads
+      back (then nothing is moved).
+  """
+  if not tf.io.gfile.isdir(checkpoint_dir(workdir)):
+    return None, None, None
+  manager = _manager(workdir, create=False)  # Only reads: no save, no delete.
+  damaged = []
+  found = (None, None, None)
+  try:
+    with _stderr_filtered(lambda: bool(damaged)):
+      for step in sorted(manager.all_steps(), reverse=True):
+        try:
+          small = manager.restore(step, args=ocp.args.Composite(
+              meta=ocp.args.JsonRestore(), data=ocp.args.JsonRestore()))
+        except Exception as error:  # pylint: disable=broad-except
+          damaged.append((step, error))
+          continue
+        diffs = _signature_diffs(small.meta, config)
+        if diffs:
+          _refuse_other_model(workdir, step, diffs)
+        try:
+          state = manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state))).state
+        except Exception as error:  # pylint: disable=broad-except
+          damaged.append((step, error))
+          continue
+        found = (step, state, small.data)
+        break
+  finally:
+    manager.close()
+  if not damaged:
+    return found
+  listing = "\n  ".join(f"step {step}: {_describe(error)}" for step, error in damaged)
+  if found[0] is None:
+    raise ValueError(
+        f"no checkpoint in {checkpoint_dir(workdir)} reads back whole:\n  {listing}\n"
+        "Restore those step folders from a copy, or move checkpoints/ away to start from "
+        "scratch. Nothing was changed.")
+  if jax.process_index() == 0:
+    target_root = damaged_dir(workdir)
+    tf.io.gfile.makedirs(target_root)
+    for step, _ in damaged:
+      target = os.path.join(target_root, str(step))
+      while tf.io.gfile.exists(target):
+        target += "_again"
+      tf.io.gfile.rename(os.path.join(checkpoint_dir(workdir), str(step)), target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("bigbigan_jax: damaged checkpoints moved")
+  logging.warning(
+      "Damaged checkpoint(s) in %s, moved to %s (nothing deleted):\n  %s\nResuming from step "
+      "%d, the newest that reads back whole.", checkpoint_dir(workdir), damaged_dir(workdir),
+      listing, found[0])
+  return found
 
 
 class Checkpoints:
@@ -110,10 +234,6 @@ class Checkpoints:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
-
-  def reached_preemption(self, step: int) -> bool:
-    """True on every host once the TPU runtime has signalled preemption (multi-host)."""
-    return self._manager.reached_preemption(step)
 
   def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it started a save."""

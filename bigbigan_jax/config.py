@@ -108,6 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_flip = True
   c.data.shuffle_buffer = 10_000
   c.data.prefetch = 2
+  # Images that fail to decode. False: the first batch that holds one stops the run with a
+  # ValueError naming the file(s). True: folder sources decode every file of the split once at
+  # start-up and leave the failures out (one warning lists them), so batches stay a function
+  # of (seed, step); tfds sources drop failing records as they come (a warning counts them).
+  c.data.skip_corrupt = False
 
   c.sample = ml_collections.ConfigDict()
   c.sample.truncation = "resample"  # "resample" (paper) or "scaled" (TF-Hub t * truncnorm[-2, 2]).
@@ -118,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = (("data", -1),)  # Axis names and sizes; -1 takes the remaining devices.
   c.shard_params = False  # Split params and optimiser state over "data" (ZeRO-3 style).
   c.distributed = False  # Call jax.distributed.initialize() first (multi-host).
+  # In a multi-process run, a process not heard from for this long is lost: the others exit
+  # (status 75) with a message instead of hanging in a collective (bigbigan_jax/faults.py).
+  c.lost_process_timeout_s = 120.0
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5_000
@@ -272,6 +280,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "num_sample_images"):
     _positive(config, field)
+  _positive(config, "lost_process_timeout_s", integer=False)
+  if not isinstance(config.data.skip_corrupt, bool):
+    _fail("data.skip_corrupt", config.data.skip_corrupt, "it must be True or False")
   if config.data.source == "folder" and not config.data.folder:
     _fail("data.folder", config.data.folder, "data.source='folder' needs the folder's path")
   validate_eval(config)

@@ -53,8 +53,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   if config.distributed:
-    # On TPU pods every argument comes from the environment.
-    jax.distributed.initialize()
+    # On TPU pods every other argument comes from the environment. JAX's own heartbeat
+    # outlasts the trainer's lost-process watch, so that the trainer's message comes first.
+    jax.distributed.initialize(
+        heartbeat_timeout_seconds=int(config.lost_process_timeout_s) + 60)
   # Deferred so that TensorFlow (used for input and summaries) sees no accelerator.
   from bigbigan_jax import evaluators  # pylint: disable=g-import-not-at-top
   from bigbigan_jax import input_pipeline  # pylint: disable=g-import-not-at-top

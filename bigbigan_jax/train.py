@@ -21,8 +21,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import signal
-import threading
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -37,6 +35,7 @@ import optax
 from bigbigan_jax import checkpoint as checkpoint_lib
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import curves
+from bigbigan_jax import faults
 from bigbigan_jax import images as images_lib
 from bigbigan_jax import input_pipeline
 from bigbigan_jax import losses
@@ -373,27 +372,6 @@ def to_global(local_batch: dict, config, nets, mesh) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Preemption:
-  """Turns SIGTERM (how a TPU VM announces preemption) into a flag the loop polls, so the
-  run saves a checkpoint at a step boundary and exits cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    else:
-      self._previous = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the end of this step.")
-    self.requested = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _console_keys(nets) -> list[str]:
   keys = ["d_loss", "eg_loss", "d_accuracy"]
   return keys + (["e_loss", "g_loss"] if nets.is_bigbigan else ["g_loss"])
@@ -402,25 +380,30 @@ def _console_keys(nets) -> list[str]:
 class Prepared(NamedTuple):
   nets: models.Networks
   mesh: Any
+  abstract_state: TrainState
   resume_step: int | None  # None: a fresh start.
+  resumed_state: TrainState | None  # The checkpoint's train state at resume_step.
   train_iter: input_pipeline.InputIterator  # Positioned where the resumed run continues.
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
-  """Every check that can fail on bad input, before anything is compiled or written.
+  """Every check that can fail on bad input, and the resume, before anything is compiled.
 
   Raises:
     ValueError: invalid config, indivisible batch, unusable data source (unknown dataset or
-      split, empty folder, ...), or a workdir holding a checkpoint of a different model.
+      split, empty folder, ...), a workdir holding a checkpoint of a different model, or one
+      whose checkpoints are all damaged.
   """
   config_lib.validate(config)
   nets = models.build(config.model)
   mesh = sharding_lib.make_mesh(config.mesh)
   sharding_lib.check_batch_divisible(config.batch_size, mesh)
-  resume_step, data_state = checkpoint_lib.check_compatible(workdir, config)
+  abstract_state = abstract_train_state(nets, config, mesh)
+  resume_step, state, data_state = checkpoint_lib.restore_newest_intact(
+      workdir, config, abstract_state)
   train_iter = input_pipeline.create_input_iter(config, split=config.data.train_split,
                                                 start_state=data_state, train=True)
-  return Prepared(nets, mesh, resume_step, train_iter)
+  return Prepared(nets, mesh, abstract_state, resume_step, state, train_iter)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -433,18 +416,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Returns:
     The final train state.
   """
-  nets, mesh, resume_step, train_iter = prepare(config, workdir)
+  nets, mesh, abstract_state, resume_step, state, train_iter = prepare(config, workdir)
   # Deferred: evaluators builds inference.Model, and inference imports this module.
   from bigbigan_jax import evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
   # FID without Inception weights is skipped with one warning here, not a crash hours in.
   evals = evaluators_lib.build(config, workdir, skip_unavailable=True)
   primary = jax.process_index() == 0
   ckpt = checkpoint_lib.Checkpoints(workdir, config)
-  abstract_state = abstract_train_state(nets, config, mesh)
   if resume_step is not None:
     logging.info("Resuming from %s at step %d.", checkpoint_lib.checkpoint_dir(workdir),
                  resume_step)
-    state = ckpt.restore(resume_step, abstract_state)
   else:
     logging.info("Starting from scratch in %s.", workdir)
     state = make_init_fn(nets, config, abstract_state)(jax.random.PRNGKey(config.seed))
@@ -456,7 +437,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   progress = metric_writer.Progress(start, config.num_train_steps,
                                     config.batch_size * config.optim.d_steps)
   previews = _Previews(nets, config, mesh, workdir, writer)
-  preemption = _Preemption()
+  preemption = faults.Preemption()
+  watch = None
+  if jax.process_count() > 1:
+    watch = faults.ProcessWatch(config.lost_process_timeout_s, workdir).start()
   if start == 0 and primary:
     with open_text(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
@@ -465,47 +449,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   try:
     for step in range(start + 1, config.num_train_steps + 1):
       local = next(batches)
-      if step == start + 1:
-        previews.set_reals(local["image"][-1])
-      state, metrics = step_fn(state, to_global(local, config, nets, mesh))
-      # Checking one step late keeps the device busy while the host looks; the run still
-      # stops at the first non-finite step, before any checkpoint of it is written.
-      if previous is not None:
-        _check_finite(jax.device_get(previous[1]), previous[0], ckpt)
-      previous = (step, metrics)
-      if step == start + 1:
-        jax.block_until_ready(metrics)
-        logging.info("First step done (compiled). Training to step %d.",
-                     config.num_train_steps)
-        progress.start(step)
-
-      last = step == config.num_train_steps
-      stop = preemption.requested or ckpt.reached_preemption(step)
-      if step % config.log_every_steps == 0 or last or stop:
-        host_metrics = _check_finite(jax.device_get(metrics), step, ckpt)
-        rates = progress.report(step, host_metrics, _console_keys(nets))
-        writer.scalars(step, {**host_metrics, **rates})
-      if step % config.sample_every_steps == 0 or last:
-        previews.write(step, state)
-      if step % config.checkpoint_every_steps == 0 or last or stop:
-        _check_finite(jax.device_get(metrics), step, ckpt)
-        ckpt.save(step, state, train_iter.get_state(), force=True)
-      # After the save: an evaluation that fails loses no training.
-      if evals and (last or (config.eval_every_steps and step % config.eval_every_steps == 0)):
-        evaluators_lib.report(step, evaluators_lib.run_on_state(evals, nets, state, config),
-                              workdir, writer)
-        if config.eval_every_steps and primary:
-          curves.plot(workdir)
-        progress.start(step)  # The next rate leaves the evaluation's time out.
-      if stop:
-        logging.warning("Stopped at step %d for preemption; the checkpoint is saved. Rerun "
-                        "the same command to resume.", step)
-        break
+      # Everything below runs collectives: in a multi-process run, one that fails means a
+      # process was lost, and this one exits saying so.
+      with faults.collectives(f"Step {step}", workdir):
+        if step == start + 1:
+          previews.set_reals(local["image"][-1])
+        batch = to_global(local, config, nets, mesh)
+        if step == start + 1:
+          step_fn = faults.compile_on_every_process(step_fn, state, batch)
+        state, metrics = step_fn(state, batch)
+        # Checking one step late keeps the device busy while the host looks; the run still
+        # stops at the first non-finite step, before any checkpoint of it is written.
+        if previous is not None:
+          _check_finite(jax.device_get(previous[1]), previous[0], ckpt)
+        previous = (step, metrics)
+        if step == start + 1:
+          jax.block_until_ready(metrics)
+          logging.info("First step done (compiled). Training to step %d.",
+                       config.num_train_steps)
+          progress.start(step)
+        last = step == config.num_train_steps
+        # Called on every process at every step: the preemption service agrees on the step.
+        stop = preemption.reached(step)
+        if step % config.log_every_steps == 0 or last or stop:
+          host_metrics = _check_finite(jax.device_get(metrics), step, ckpt)
+          rates = progress.report(step, host_metrics, _console_keys(nets))
+          writer.scalars(step, {**host_metrics, **rates})
+        if step % config.sample_every_steps == 0 or last:
+          previews.write(step, state)
+        if step % config.checkpoint_every_steps == 0 or last or stop:
+          _check_finite(jax.device_get(metrics), step, ckpt)
+          ckpt.save(step, state, train_iter.get_state(), force=True)
+        # After the save: an evaluation that fails loses no training.
+        if evals and (last or (config.eval_every_steps and step % config.eval_every_steps == 0)):
+          evaluators_lib.report(step, evaluators_lib.run_on_state(evals, nets, state, config),
+                                workdir, writer)
+          if config.eval_every_steps and primary:
+            curves.plot(workdir)
+          progress.start(step)  # The next rate leaves the evaluation's time out.
+        if stop:
+          ckpt.wait()
+          logging.warning("Stopped at step %d for preemption; the checkpoint is saved. Rerun "
+                          "the same command to resume.", step)
+          break
+    if watch is not None:
+      watch.finished()  # The others need not wait for this process any more.
   finally:
     ckpt.wait()
     ckpt.close()
     writer.flush()
-    preemption.restore()
+    preemption.close()
+    if watch is not None:
+      watch.stop()
   return state
 
 

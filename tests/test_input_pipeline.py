@@ -1,6 +1,9 @@
 """Tests of the input pipeline on data the tests make themselves (nothing is downloaded)."""
 
+import io
 import json
+import logging
+import re
 
 import numpy as np
 from PIL import Image
@@ -339,3 +342,126 @@ def test_folder_slices_partition_a_split_over_every_class(tmp_path):
     input_pipeline.create_input_iter(c, split="train[:x]", train=False)
   with pytest.raises(ValueError, match="selects none of its 20 images"):
     input_pipeline.create_input_iter(c, split="train[50%:50%]", train=False)
+
+
+def _truncated_jpeg(path):
+  """A valid 16x16 JPEG cut to its first third: tf's decoder rejects it ("jpeg::Uncompress
+  failed"), even cut to 90%, since decode_image never recovers truncated files."""
+  pixels = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  Image.fromarray(pixels).save(path)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 3])
+  return str(path)
+
+
+@pytest.fixture
+def corrupt_folder(tmp_path):
+  """class0/ and class1/ with 4 grey PNGs each (values 0..3, 10..13) and one truncated JPEG."""
+  _class_tree(tmp_path / "data", (4, 4))
+  return str(tmp_path / "data"), _truncated_jpeg(tmp_path / "data" / "class1" / "bad.jpg")
+
+
+def test_corrupt_image_is_named(corrupt_folder):
+  folder, bad = corrupt_folder
+  c = make_config(source="folder", folder=folder, augment="resnet")
+  c.batch_size = 4
+  # 9 files, batches of 4: the bad file is in one of the first 3 batches.
+  with pytest.raises(ValueError, match=re.escape(bad) + ".*skip_corrupt=True"):
+    take(c, 3)
+  with pytest.raises(ValueError, match=re.escape(bad) + " cannot be decoded"):
+    list(input_pipeline.create_input_iter(c, train=False, process_index=0, process_count=1))
+  # A failing batch whose files all decode (not pinned down): the whole split is searched.
+  source = input_pipeline._folder_source(folder, "train")
+  error = input_pipeline._explain_file_error(source, np.arange(2), RuntimeError("tf's"))
+  assert isinstance(error, ValueError) and bad in str(error) and "not checked" not in str(error)
+
+
+def test_skip_corrupt_leaves_the_file_out_and_resumes_exactly(corrupt_folder, caplog):
+  folder, bad = corrupt_folder
+  c = make_config(source="folder", folder=folder, augment="resnet", random_flip=True,
+                  skip_corrupt=True)
+  c.batch_size = 4
+  with caplog.at_level(logging.WARNING):
+    it, straight = take(c, 6)  # 3 epochs of the 8 sound files.
+  assert any(bad in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+  assert it.num_examples == 8
+  # Grey images stay flat through crop and flip: the first pixel says which image it is.
+  values = np.concatenate([np.round((b["image"][:, 0, 0, 0] + 1) * 127.5) for b in straight])
+  assert np.bincount(values.astype(int)).nonzero()[0].tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
+  it, first = take(c, 3)
+  _, rest = take(c, 3, start_state=json.loads(json.dumps(it.get_state())))
+  assert_batches_equal(straight, first + rest)
+
+
+def test_failing_batch_indices_are_the_streams():
+  # Labels 0..12 name the examples, so the stream's labels are the source indices.
+  n = 13
+  source = input_pipeline._IndexedSource("t", "train", "decoded", np.zeros((n, 4, 4, 3)),
+                                         np.arange(n))
+  for process_index in range(2):
+    ds = input_pipeline._indexed_train_stream(
+        source, seed=3, batch_size=8, process_index=process_index, process_count=2,
+        start_step=0, mode="none", flip=False, resolution=4)
+    labels = [b["label"] for b in ds.batch(4).take(5).as_numpy_iterator()]
+    for step, got in enumerate(labels):
+      want = input_pipeline._train_batch_indices(n, seed=3, batch_size=8, step=step,
+                                                 process_index=process_index, process_count=2)
+      np.testing.assert_array_equal(got, want)
+
+
+class BigbiganTestCorrupt(tfds.core.GeneratorBasedBuilder):
+  """20 JPEG records labelled by index; record 7 is a truncated JPEG."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(num_classes=20),
+        }),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    rng = np.random.default_rng(0)
+    for i in range(20):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(buf, "JPEG")
+      data = buf.getvalue()
+      yield i, {"image": io.BytesIO(data[:len(data) // 3] if i == 7 else data), "label": i}
+
+
+def test_tfds_corrupt_record(tmp_path, caplog):
+  BigbiganTestCorrupt(data_dir=str(tmp_path)).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(
+          compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  c = make_config(source="tfds", name="bigbigan_test_corrupt", data_dir=str(tmp_path),
+                  train_split="train", eval_split="train")
+  c.batch_size = 4
+  with pytest.raises(ValueError, match=r"tfds bigbigan_test_corrupt\[train\] has a record "
+                     "that cannot be decoded.*skip_corrupt=True"):
+    take(c, 5)
+  c.data.skip_corrupt = True
+  # Epoch 0 is topped up with its own first record, so epochs keep 5 batches and resuming
+  # at an epoch's start is exact.
+  with caplog.at_level(logging.WARNING):
+    it, straight = take(c, 7)
+  assert "epoch 0 of process 0: 1 records did not decode and were skipped" in caplog.text
+  labels = np.concatenate([b["label"] for b in straight])
+  assert 7 not in labels and len(set(labels[:20])) == 19 and labels[19] == labels[0]
+  assert set(straight[0]) == {"image", "label"}
+  _, rest = take(c, 2, start_state=dict(it.get_state(), step=5))
+  assert_batches_equal(straight[5:], rest)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    batches = list(input_pipeline.create_input_iter(c, train=False, process_index=0,
+                                                    process_count=1))
+  assert "1 of this process's 20 records did not decode" in caplog.text
+  assert len(batches) == 5 and set(batches[0]) == {"image", "label", "mask"}
+  seen = np.concatenate([b["label"][b["mask"]] for b in batches])
+  assert sorted(seen) == sorted(set(range(20)) - {7})
