@@ -271,9 +271,8 @@ def _main(workdir, *flags):
 
 
 def _final_params(workdir, config):
-  nets, mesh, abstract, step, state, _ = train.prepare(config, str(workdir))
-  del nets, mesh, abstract
-  return step, flat(jax.device_get(state.params))
+  prepared = train.prepare(config, str(workdir))
+  return prepared.resume_step, flat(jax.device_get(prepared.resumed_state.params))
 
 
 @pytest.mark.slow
