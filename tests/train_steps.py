@@ -14,6 +14,26 @@ def flat(tree) -> np.ndarray:
                          for x in jax.tree_util.tree_leaves(tree)])
 
 
+def _random_batch(config, nets, rng):
+  r, d = nets.encoder_resolution, config.optim.d_steps
+  return {"image": rng.uniform(-1, 1, (d, config.batch_size, r, r, 3)).astype(np.float32),
+          "label": rng.integers(0, 10, (d, config.batch_size)).astype(np.int32)}
+
+
+def run_steps(config, num_steps: int, num_devices: int = 1):
+  """The state after `num_steps` train steps from PRNGKey(0)'s init, each on a fresh seeded
+  random batch."""
+  nets = models.build(config.model)
+  mesh = sharding.make_mesh((("data", num_devices),), jax.devices()[:num_devices])
+  abstract = train.abstract_train_state(nets, config, mesh)
+  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+  step = train.make_train_step(nets, config, mesh, abstract)
+  rng = np.random.default_rng(0)
+  for _ in range(num_steps):
+    state, _ = step(state, train.to_global(_random_batch(config, nets, rng), config, nets, mesh))
+  return state
+
+
 def one_step(config, num_devices: int):
   """(state after one train step, its metrics on the host, the abstract state) on a mesh of
   the first `num_devices` devices, from PRNGKey(0)'s init and a seeded random batch."""
