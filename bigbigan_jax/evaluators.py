@@ -51,8 +51,8 @@ from bigbigan_jax import judge as judge_lib
 from bigbigan_jax import linear_probe
 from bigbigan_jax import metric_writer
 from bigbigan_jax import metrics as metrics_lib
+from bigbigan_jax import models
 from bigbigan_jax import sharding as sharding_lib
-from bigbigan_jax import train
 
 PIXELS_MAX_SIDE = 32  # The pixel baseline's images are average-pooled to at most this side.
 
@@ -341,7 +341,7 @@ class FidInceptionScore:
     e = self.config.eval
     pools = []
     for images, _ in real_batches(self.config, e.fid_reference_split, e.fid_reference_examples):
-      images = np.asarray(train.pool_for_discriminator(images, self.config.model.resolution))
+      images = np.asarray(models.pool_for_discriminator(images, self.config.model.resolution))
       pools.append(self.inception_outputs(images, mesh)[0])
     pools = np.concatenate(pools)
     mu, sigma = metrics_lib.feature_stats(pools)
@@ -429,7 +429,7 @@ class JudgeEvaluator:
       num_classes = self.config.model.num_classes or int(max(train_y.max(), test_y.max())) + 1
       res = self.config.model.resolution
       # The judge sees images as D does: average-pooled to G's resolution.
-      pool = lambda x: np.asarray(train.pool_for_discriminator(x, res))
+      pool = lambda x: np.asarray(models.pool_for_discriminator(x, res))
       judge = judge_lib.train_judge(pool(train_x), train_y, num_classes, steps=e.judge_steps,
                                     seed=e.seed)
       real_stats = metrics_lib.feature_stats(judge.outputs(pool(train_x))[1])
@@ -447,7 +447,7 @@ class JudgeEvaluator:
                            method=self.config.sample.truncation, seed=e.seed + 1)
     results = {}
     try:
-      held_out = np.asarray(train.pool_for_discriminator(test_x, model.resolution))
+      held_out = np.asarray(models.pool_for_discriminator(test_x, model.resolution))
       accuracy = judge.accuracy(held_out, test_y)
       if model.is_bigbigan:
         recon = model.reconstruct(test_x, seed=e.seed)

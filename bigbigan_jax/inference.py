@@ -54,8 +54,10 @@ from bigbigan_jax import input_pipeline
 from bigbigan_jax import models
 from bigbigan_jax import sharding as sharding_lib
 from bigbigan_jax import train
+from bigbigan_jax.models import D
+from bigbigan_jax.models import E
+from bigbigan_jax.models import G
 
-G, E, D = train.G, train.E, train.D
 TRUNCATION_METHODS = config_lib.TRUNCATIONS
 # TF-Hub's "scaled" truncation multiplies a standard normal truncated to [-2, 2].
 SCALED_BOUND = 2.0
@@ -500,7 +502,7 @@ class Model:
     if self.is_bigbigan:
       images = self._images(images, (self.resolution, self.encoder_resolution), "discriminate")
       if images.shape[1] != self.resolution:
-        images = np.asarray(train.pool_for_discriminator(images, self.resolution))
+        images = np.asarray(models.pool_for_discriminator(images, self.resolution))
       cond = self._latents(z_or_labels)
       if cond.shape[0] != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {cond.shape[0]} latents")

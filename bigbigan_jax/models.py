@@ -18,6 +18,9 @@ from bigbigan_jax.discriminator import JointDiscriminator
 from bigbigan_jax.encoder import Encoder
 from bigbigan_jax.generator import Generator
 
+# The networks' names: keys of the train state's params, model_state and optimisers.
+G, E, D = "generator", "encoder", "discriminator"
+
 
 @dataclasses.dataclass(frozen=True)
 class Networks:
@@ -40,19 +43,19 @@ class Networks:
     z = jnp.zeros((batch, self.z_dim), jnp.float32)
     labels = jnp.zeros((batch,), jnp.int32)
     x = jnp.zeros((batch, self.resolution, self.resolution, 3), jnp.float32)
-    inputs = {"generator": (z, labels if self.num_classes else None)}
+    inputs = {G: (z, labels if self.num_classes else None)}
     if self.is_bigbigan:
-      inputs["discriminator"] = (x, z)
-      inputs["encoder"] = (jnp.zeros(
+      inputs[D] = (x, z)
+      inputs[E] = (jnp.zeros(
           (batch, self.encoder_resolution, self.encoder_resolution, 3), jnp.float32),)
     else:
-      inputs["discriminator"] = (x, labels)
+      inputs[D] = (x, labels)
     return inputs
 
   def modules(self) -> dict:
-    mods = {"generator": self.generator, "discriminator": self.discriminator}
+    mods = {G: self.generator, D: self.discriminator}
     if self.encoder is not None:
-      mods["encoder"] = self.encoder
+      mods[E] = self.encoder
     return mods
 
   def init(self, rng: jax.Array, batch: int = 2) -> dict:
@@ -64,6 +67,15 @@ class Networks:
       out[name] = module.init({"params": params_key, "noise": noise_key}, *inputs[name],
                               train=False)
     return out
+
+
+def pool_for_discriminator(images: jax.Array, resolution: int) -> jax.Array:
+  """Average-pools E-resolution images down to D's resolution (identity when equal)."""
+  b, h, w, c = images.shape
+  f = h // resolution
+  if f == 1:
+    return images
+  return images.reshape(b, resolution, f, resolution, f, c).mean(axis=(2, 4))
 
 
 def conv_weight_grad(model: ml_collections.ConfigDict) -> str:

@@ -113,7 +113,7 @@ def run(workdir: str, *, out: str | None = None, step: int | None = None, num: i
   """
   from bigbigan_jax import images as images_lib  # pylint: disable=g-import-not-at-top
   from bigbigan_jax import inference  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax import train  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax import models  # pylint: disable=g-import-not-at-top
 
   if interpolate and reconstruct:
     raise ValueError("--interpolate and --reconstruct write different grids: give one of them")
@@ -146,7 +146,7 @@ def run(workdir: str, *, out: str | None = None, step: int | None = None, num: i
 
   if reconstruct:
     recon = model.reconstruct(reals, use_sample=not use_mean, seed=seed)
-    pooled = np.asarray(train.pool_for_discriminator(reals, model.resolution))
+    pooled = np.asarray(models.pool_for_discriminator(reals, model.resolution))
     cols = 2 * _grid_cols(len(reals) / 2)
     grid = images_lib.grid(images_lib.interleave(pooled, recon), cols)
   elif interpolate:

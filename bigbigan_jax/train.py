@@ -41,9 +41,11 @@ from bigbigan_jax import input_pipeline
 from bigbigan_jax import losses
 from bigbigan_jax import metric_writer
 from bigbigan_jax import models
+from bigbigan_jax import objectives
 from bigbigan_jax import sharding as sharding_lib
-
-G, E, D = "generator", "encoder", "discriminator"
+from bigbigan_jax.models import D
+from bigbigan_jax.models import E
+from bigbigan_jax.models import G
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,15 +111,6 @@ def init_train_state(rng: jax.Array, *, nets: models.Networks,
 # ---------------------------------------------------------------------------------------------
 
 
-def pool_for_discriminator(images: jax.Array, resolution: int) -> jax.Array:
-  """Average-pools E-resolution images down to D's resolution (identity when equal)."""
-  b, h, w, c = images.shape
-  f = h // resolution
-  if f == 1:
-    return images
-  return images.reshape(b, resolution, f, resolution, f, c).mean(axis=(2, 4))
-
-
 def _sample_latents(key, nets: models.Networks, batch: int):
   """z ~ N(0, I) and, for class-conditional G, labels uniform over the classes."""
   z_key, y_key = jax.random.split(key)
@@ -127,72 +120,12 @@ def _sample_latents(key, nets: models.Networks, batch: int):
   return z, labels
 
 
-def _split_scores(scores, batch: int):
-  """D's scores on concat([real, fake]) → (real, fake), for an array or a dict of arrays."""
-  return (jax.tree_util.tree_map(lambda s: s[:batch], scores),
-          jax.tree_util.tree_map(lambda s: s[batch:], scores))
-
-
-def _sigma(spectral: dict, *path) -> jax.Array:
-  """The last power-iteration estimate of a raw kernel's top singular value."""
-  node = spectral
-  for key in path[:-1]:
-    node = node[key]
-  return node["sn"][path[-1] + "/kernel/sigma"]
-
-
-def sigma_metrics(nets: models.Networks, model_state: dict) -> dict:
-  """σ0 of G's and D's first and last layers: BigGAN's early warning of collapse."""
-  g, d = model_state[G]["spectral"], model_state[D]["spectral"]
-  if nets.is_bigbigan:
-    d_first, d_last = ("F", "block_0", "conv1", "conv"), ("score_xz", "dense")
-  else:
-    d_first, d_last = ("trunk", "block_0", "conv1", "conv"), ("linear", "dense")
-  return {"sigma0/g_first": _sigma(g, "linear", "dense"),
-          "sigma0/g_last": _sigma(g, "out_conv", "conv"),
-          "sigma0/d_first": _sigma(d, *d_first), "sigma0/d_last": _sigma(d, *d_last)}
-
-
-def _real_pairs(nets, params, model_state, images, labels, key):
-  """D's real inputs: BigBiGAN (pooled x, E(x) sample), BigGAN (x, labels); plus E's outputs
-  and its updated BN state (training mode: global batch statistics), or None for BigGAN."""
-  x_d = pool_for_discriminator(images, nets.resolution)
-  if not nets.is_bigbigan:
-    return x_d, labels, None, None
-  enc, new_state = nets.encoder.apply({"params": params[E], **model_state[E]}, images,
-                                      train=True, rngs={"noise": key}, mutable=["batch_stats"])
-  return x_d, enc["z_sample"], enc, new_state
-
-
-def _discriminate(nets, d_vars, real_x, real_c, fake_x, fake_c, *, train):
-  """One D call on concat([real, fake]); → (scores, new D state or None)."""
-  x = jnp.concatenate([real_x, fake_x])
-  c = None if real_c is None else jnp.concatenate([real_c, fake_c])
-  if train:
-    return nets.discriminator.apply(d_vars, x, c, train=True, mutable=["spectral"])
-  return nets.discriminator.apply(d_vars, x, c, train=False), None
-
-
-def _d_loss(nets, config, real_scores, fake_scores):
-  if nets.is_bigbigan:
-    loss, terms = losses.bigbigan_d_loss(
-        real_scores, fake_scores, unary_x=config.loss.unary_x, unary_z=config.loss.unary_z,
-        reduction=config.loss.score_reduction)
-    real_joint, fake_joint = real_scores["s_xz"], fake_scores["s_xz"]
-    scores = {f"score/{kind}_{name}": jnp.mean(s[name])
-              for kind, s in (("real", real_scores), ("fake", fake_scores)) for name in s}
-  else:
-    loss = losses.d_hinge(real_scores, fake_scores)
-    terms = {}
-    real_joint, fake_joint = real_scores, fake_scores
-    scores = {"score/real": jnp.mean(real_scores), "score/fake": jnp.mean(fake_scores)}
-  accuracy = 0.5 * (jnp.mean(real_joint > 0) + jnp.mean(fake_joint < 0))
-  return loss, {"d_loss": loss, "d_accuracy": accuracy, **terms, **scores}
-
-
 def train_step(state: TrainState, batch: dict, *, nets: models.Networks,
                config: ml_collections.ConfigDict):
   """One iteration: `d_steps` D updates, one E/G update, the EMA of G.
+
+  What the two model kinds differ in (the pairs, the losses, who learns) is the objective's
+  (`objectives.build`); this function has no model-kind branch.
 
   Args:
     state: the current TrainState.
@@ -204,6 +137,7 @@ def train_step(state: TrainState, batch: dict, *, nets: models.Networks,
     (new state, metrics): metrics are float32 scalars: every loss term, mean scores on real
     and fake pairs, D's accuracy, gradient norms, and σ0 of G's and D's first and last layers.
   """
+  objective = objectives.build(nets, config.loss)
   tx_d, tx_ge = make_optimizers(config)
   batch_size = batch["image"].shape[1]
   step_key = jax.random.fold_in(state.rng, state.step)
@@ -222,15 +156,15 @@ def train_step(state: TrainState, batch: dict, *, nets: models.Networks,
     # state updates are dropped: the E/G step makes them.
     fake = jax.lax.stop_gradient(nets.generator.apply(g_vars, z, fake_labels, train=True,
                                                       mutable=["spectral", "batch_stats"])[0])
-    real_x, real_c, _, _ = _real_pairs(nets, state.params, state.model_state, images, labels,
-                                       noise_key)
-    real_c = jax.lax.stop_gradient(real_c)
-    fake_c = z if nets.is_bigbigan else fake_labels
+    real = objective.real_pairs(state.params, state.model_state, images, labels, noise_key)
+    x = jnp.concatenate([real.x, fake])
+    c = jnp.concatenate([jax.lax.stop_gradient(real.c),
+                         objective.fake_condition(z, fake_labels)])
 
     def loss_fn(p):
-      scores, new_state = _discriminate(nets, {"params": p, **d_state}, real_x, real_c, fake,
-                                        fake_c, train=True)
-      loss, metrics = _d_loss(nets, config, *_split_scores(scores, batch_size))
+      scores, new_state = nets.discriminator.apply({"params": p, **d_state}, x, c, train=True,
+                                                   mutable=["spectral"])
+      loss, metrics = objective.d_loss(*objectives.split_scores(scores, batch_size))
       return loss, (metrics, new_state)
 
     (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
@@ -248,30 +182,20 @@ def train_step(state: TrainState, batch: dict, *, nets: models.Networks,
   z, fake_labels = _sample_latents(latent_key, nets, batch_size)
   images, labels = batch["image"][-1], batch["label"][-1]
   d_vars = {"params": d_params, **d_state}
+  score = lambda x, c: nets.discriminator.apply(d_vars, x, c, train=False)
 
   def ge_loss_fn(ge):
     params = {**state.params, **ge}
     fake, g_state = nets.generator.apply({"params": ge[G], **state.model_state[G]}, z,
                                          fake_labels, train=True,
                                          mutable=["spectral", "batch_stats"])
-    real_x, real_c, enc, e_state = _real_pairs(nets, params, state.model_state, images, labels,
-                                               noise_key)
-    new_state = {G: g_state}
-    if nets.is_bigbigan:
-      scores, _ = _discriminate(nets, d_vars, real_x, real_c, fake, z, train=False)
-      loss, terms = losses.bigbigan_eg_loss(
-          *_split_scores(scores, batch_size), unary_x=config.loss.unary_x,
-          unary_z=config.loss.unary_z, reduction=config.loss.score_reduction)
-      terms["z_stdev_mean"] = jnp.mean(enc["z_stdev"])
-      new_state[E] = e_state
-    else:
-      scores = nets.discriminator.apply(d_vars, fake, fake_labels, train=False)
-      loss = losses.g_hinge(scores)
-      terms = {"g_loss": loss}
+    real = objective.real_pairs(params, state.model_state, images, labels, noise_key)
+    loss, terms = objective.eg_loss(score, real, fake, objective.fake_condition(z, fake_labels))
     ortho = losses.orthogonal_regularizer(ge[G], config.loss.ortho_beta)
-    return loss + ortho, ({"eg_loss": loss, "ortho_loss": ortho, **terms}, new_state)
+    return loss + ortho, ({"eg_loss": loss, "ortho_loss": ortho, **terms},
+                          {G: g_state, **real.new_state})
 
-  ge_params = _ge(state.params)
+  ge_params = {name: state.params[name] for name in objective.eg_networks}
   (_, (ge_metrics, ge_state)), grads = jax.value_and_grad(ge_loss_fn, has_aux=True)(ge_params)
   updates, opt_ge = tx_ge.update(grads, state.opt_ge, ge_params)
   ge_params = optax.apply_updates(ge_params, updates)
@@ -286,7 +210,7 @@ def train_step(state: TrainState, batch: dict, *, nets: models.Networks,
   new_state = state.replace(
       step=state.step + 1, params={**state.params, D: d_params, **ge_params},
       model_state=model_state, ema_params=ema, opt_d=opt_d, opt_ge=opt_ge)
-  metrics = {**d_metrics, **ge_metrics, **sigma_metrics(nets, model_state)}
+  metrics = {**d_metrics, **ge_metrics, **objectives.sigma_metrics(objective, model_state)}
   return new_state, jax.tree_util.tree_map(lambda m: m.astype(jnp.float32), metrics)
 
 
@@ -372,11 +296,6 @@ def to_global(local_batch: dict, config, nets, mesh) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _console_keys(nets) -> list[str]:
-  keys = ["d_loss", "eg_loss", "d_accuracy"]
-  return keys + (["e_loss", "g_loss"] if nets.is_bigbigan else ["g_loss"])
-
-
 class Prepared(NamedTuple):
   nets: models.Networks
   mesh: Any
@@ -445,6 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     with open_text(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
 
+  console_keys = objectives.build(nets, config.loss).console_keys
   previous = None  # (step, metrics) of the step before, checked once the next is queued.
   try:
     for step in range(start + 1, config.num_train_steps + 1):
@@ -473,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         stop = preemption.reached(step)
         if step % config.log_every_steps == 0 or last or stop:
           host_metrics = _check_finite(jax.device_get(metrics), step, ckpt)
-          rates = progress.report(step, host_metrics, _console_keys(nets))
+          rates = progress.report(step, host_metrics, console_keys)
           writer.scalars(step, {**host_metrics, **rates})
         if step % config.sample_every_steps == 0 or last:
           previews.write(step, state)
@@ -550,7 +470,7 @@ class _Previews:
         self.sample(state.ema_params, state.model_state[G], self.z, self.labels)), cols)}
     if self.reconstruct is not None and self.reals is not None:
       recon = jax.device_get(self.reconstruct(state, self.reals, jax.random.PRNGKey(0)))
-      reals = jax.device_get(pool_for_discriminator(jnp.asarray(self.reals),
+      reals = jax.device_get(models.pool_for_discriminator(jnp.asarray(self.reals),
                                                     self.nets.resolution))
       cols = 2 * max(1, int(math.sqrt(len(reals) / 2)))
       grids["reconstructions"] = images_lib.grid(images_lib.interleave(reals, recon), cols)

@@ -181,7 +181,7 @@ def test_fid_of_the_reference_set_with_itself_is_zero_and_stats_are_cached(tmp_p
   workdir = str(tmp_path / "run")
   fid, = evaluators.build(config, workdir)
   reals = np.concatenate([x for x, _ in evaluators.real_batches(config, "train", 8)])
-  reals = np.asarray(train.pool_for_discriminator(reals, config.model.resolution))
+  reals = np.asarray(models.pool_for_discriminator(reals, config.model.resolution))
   mesh = sharding.make_mesh((("data", 8),))
   # FID's sqrtm of a singular 2048x2048 product takes ~30 s here; that math has its own tests
   # (test_metrics). What this checks: the evaluator hands it the samples' and the reference's

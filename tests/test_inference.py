@@ -111,7 +111,7 @@ def test_outputs_equal_the_networks_applied_directly(model):
   for key in ("z_mean", "z_stdev", "avepool_feat", "bn_crelu_feat"):
     np.testing.assert_allclose(ours[key], enc[key], rtol=1e-5, atol=1e-6, err_msg=key)
   scores = jax.jit(functools.partial(nets.discriminator.apply, train=False))(
-      model.discriminator_variables, train.pool_for_discriminator(x, 32), z)
+      model.discriminator_variables, models.pool_for_discriminator(x, 32), z)
   for key, value in model.discriminate(x, z).items():
     np.testing.assert_allclose(value, scores[key], rtol=1e-5, atol=1e-6, err_msg=key)
 

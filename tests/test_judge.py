@@ -49,7 +49,7 @@ def setup():
 
 
 def _pooled(images, resolution):
-  return np.asarray(train.pool_for_discriminator(images, resolution))
+  return np.asarray(models.pool_for_discriminator(images, resolution))
 
 
 def test_judge_learns_the_digits(setup):

@@ -80,7 +80,7 @@ def _forward(config):
     fake, _ = nets.generator.apply(v["generator"], z, train=True, mutable=mutable)
     enc, _ = nets.encoder.apply(v["encoder"], x, train=True, mutable=mutable,
                                 rngs={"noise": jax.random.PRNGKey(2)})
-    real_x = train.pool_for_discriminator(x, nets.resolution)
+    real_x = models.pool_for_discriminator(x, nets.resolution)
     scores, _ = nets.discriminator.apply(
         v["discriminator"], jnp.concatenate([real_x, fake]),
         jnp.concatenate([enc["z_sample"], z]), train=True, mutable=mutable)

@@ -1,0 +1,153 @@
+"""What each model kind trains for: the pairs D tells apart, D's loss and the E/G loss.
+
+The train step is the same for BigBiGAN and BigGAN (`d_steps` D updates, one E/G update, the
+EMA of G); everything in which they differ is an objective, built once with the networks:
+
+  BigBiGAN  real pairs (x, E(x)) against fake pairs (G(z), z), three hinged scores
+            s_x, s_z, s_xz (`losses.bigbigan_d_loss`); E and G learn together from one
+            signed sum of the scores (`losses.bigbigan_eg_loss`).
+  BigGAN    real pairs (x, y) against fake pairs (G(z, y'), y') through D's projection head,
+            BigGAN's hinge (`losses.d_hinge`); G alone learns, from its samples' scores.
+
+Signs, scales and the ablation switches are in docs/design.md ("Losses").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bigbigan_jax import losses
+from bigbigan_jax import models
+from bigbigan_jax.models import D
+from bigbigan_jax.models import E
+from bigbigan_jax.models import G
+
+# (x, c) → D's scores in eval mode, with D's weights bound: what the E/G loss sees.
+Score = Callable[[jax.Array, jax.Array], object]
+
+
+class RealPairs(NamedTuple):
+  """D's real inputs, and what forming them produced besides."""
+
+  x: jax.Array  # Images at D's resolution.
+  c: jax.Array  # The second element of the pair: E(x)'s sample, or the label.
+  new_state: dict  # {network: its updated non-trained state} (E's BN statistics).
+  metrics: dict  # Scalars for the E/G update's metrics.
+
+
+def split_scores(scores, batch: int):
+  """D's scores on concat([real, fake]) → (real, fake), for an array or a dict of arrays."""
+  return (jax.tree_util.tree_map(lambda s: s[:batch], scores),
+          jax.tree_util.tree_map(lambda s: s[batch:], scores))
+
+
+def _accuracy(real: jax.Array, fake: jax.Array) -> jax.Array:
+  return 0.5 * (jnp.mean(real > 0) + jnp.mean(fake < 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class BigBiGAN:
+  """The BiGAN game on (x, z) pairs, with BigBiGAN's unary scores."""
+
+  nets: models.Networks
+  unary_x: bool = True
+  unary_z: bool = True
+  reduction: str = "mean"
+
+  eg_networks = (G, E)  # What the E/G update trains.
+  console_keys = ("d_loss", "eg_loss", "d_accuracy", "e_loss", "g_loss")
+  # σ0 of D's first and last layers (paths into D's "spectral" collection).
+  d_sigma_layers = {"d_first": ("F", "block_0", "conv1", "conv"),
+                    "d_last": ("score_xz", "dense")}
+
+  def real_pairs(self, params, model_state, images, labels, key) -> RealPairs:
+    """(pooled x, a sample of E(x)), E in training mode (the global batch's statistics)."""
+    del labels  # Unconditional: the labels are for the evaluators only.
+    x = models.pool_for_discriminator(images, self.nets.resolution)
+    enc, e_state = self.nets.encoder.apply(
+        {"params": params[E], **model_state[E]}, images, train=True, rngs={"noise": key},
+        mutable=["batch_stats"])
+    return RealPairs(x, enc["z_sample"], {E: e_state},
+                     {"z_stdev_mean": jnp.mean(enc["z_stdev"])})
+
+  def fake_condition(self, z, labels):
+    del labels
+    return z
+
+  def d_loss(self, real_scores, fake_scores):
+    loss, terms = losses.bigbigan_d_loss(real_scores, fake_scores, unary_x=self.unary_x,
+                                         unary_z=self.unary_z, reduction=self.reduction)
+    scores = {f"score/{kind}_{name}": jnp.mean(s[name])
+              for kind, s in (("real", real_scores), ("fake", fake_scores)) for name in s}
+    accuracy = _accuracy(real_scores["s_xz"], fake_scores["s_xz"])
+    return loss, {"d_loss": loss, "d_accuracy": accuracy, **terms, **scores}
+
+  def eg_loss(self, score: Score, real: RealPairs, fake_x, fake_c):
+    """E lowers its pairs' scores, G raises its own: both pairs go through D at once."""
+    scores = score(jnp.concatenate([real.x, fake_x]), jnp.concatenate([real.c, fake_c]))
+    loss, terms = losses.bigbigan_eg_loss(
+        *split_scores(scores, fake_x.shape[0]), unary_x=self.unary_x, unary_z=self.unary_z,
+        reduction=self.reduction)
+    return loss, {**terms, **real.metrics}
+
+
+@dataclasses.dataclass(frozen=True)
+class BigGAN:
+  """Class-conditional BigGAN: the hinge on (image, label) pairs."""
+
+  nets: models.Networks
+
+  eg_networks = (G,)
+  console_keys = ("d_loss", "eg_loss", "d_accuracy", "g_loss")
+  d_sigma_layers = {"d_first": ("trunk", "block_0", "conv1", "conv"),
+                    "d_last": ("linear", "dense")}
+
+  def real_pairs(self, params, model_state, images, labels, key) -> RealPairs:
+    del params, model_state, key
+    return RealPairs(models.pool_for_discriminator(images, self.nets.resolution), labels, {},
+                     {})
+
+  def fake_condition(self, z, labels):
+    del z
+    return labels
+
+  def d_loss(self, real_scores, fake_scores):
+    loss = losses.d_hinge(real_scores, fake_scores)
+    return loss, {"d_loss": loss, "d_accuracy": _accuracy(real_scores, fake_scores),
+                  "score/real": jnp.mean(real_scores), "score/fake": jnp.mean(fake_scores)}
+
+  def eg_loss(self, score: Score, real: RealPairs, fake_x, fake_c):
+    """G raises its samples' scores; D need not see the real pairs."""
+    del real
+    loss = losses.g_hinge(score(fake_x, fake_c))
+    return loss, {"g_loss": loss}
+
+
+Objective = BigBiGAN | BigGAN
+
+
+def build(nets: models.Networks, loss: ml_collections.ConfigDict) -> Objective:
+  """The objective of the networks' model kind, with `config.loss`'s switches."""
+  if nets.encoder is not None:
+    return BigBiGAN(nets, unary_x=loss.unary_x, unary_z=loss.unary_z,
+                    reduction=loss.score_reduction)
+  return BigGAN(nets)
+
+
+def sigma_metrics(objective: Objective, model_state: dict) -> dict:
+  """σ0 of G's and D's first and last layers: BigGAN's early warning of collapse."""
+  def sigma(spectral, *path):
+    # The last power-iteration estimate of a raw kernel's top singular value.
+    for key in path[:-1]:
+      spectral = spectral[key]
+    return spectral["sn"][path[-1] + "/kernel/sigma"]
+
+  g, d = model_state[G]["spectral"], model_state[D]["spectral"]
+  return {"sigma0/g_first": sigma(g, "linear", "dense"),
+          "sigma0/g_last": sigma(g, "out_conv", "conv"),
+          **{f"sigma0/{k}": sigma(d, *path) for k, path in objective.d_sigma_layers.items()}}
