@@ -28,7 +28,7 @@ TRUNCATIONS = ("resample", "scaled")
 SCORE_REDUCTIONS = ("mean", "sum")
 DTYPES = ("float32", "bfloat16")
 CONV_WEIGHT_GRADS = ("auto", "xla", "matmul")
-# Evaluators `config.evals` may name (bigbigan_jax/evaluators.py): "linear_probe" (BigBiGAN
+# Evaluators `config.evals` may name (bigbigan_jax/evaluation/evaluators.py): "linear_probe" (BigBiGAN
 # only: a linear classifier on E's frozen features), "fid" (FID and Inception Score of G),
 # "judge" (a small classifier trained on the real data scores reconstructions and samples).
 EVALUATORS = ("linear_probe", "fid", "judge")
@@ -124,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.shard_params = False  # Split params and optimiser state over "data" (ZeRO-3 style).
   c.distributed = False  # Call jax.distributed.initialize() first (multi-host).
   # In a multi-process run, a process not heard from for this long is lost: the others exit
-  # (status 75) with a message instead of hanging in a collective (bigbigan_jax/faults.py).
+  # (status 75) with a message instead of hanging in a collective (bigbigan_jax/training/faults.py).
   c.lost_process_timeout_s = 120.0
 
   c.log_every_steps = 100
@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.probe_batch_size = 0  # 0: full batch.
   c.eval.probe_baselines = False  # Also probe raw pixels and a freshly initialised E.
   # FID and Inception Score of G (EMA weights) against statistics of real data.
-  c.eval.inception_path = ""  # FID Inception weights (.npz); see bigbigan_jax/inception.py.
+  c.eval.inception_path = ""  # FID Inception weights (.npz); see bigbigan_jax/evaluation/inception_weights.py.
   c.eval.num_samples = 50_000  # The papers' count.
   c.eval.is_splits = 10
   c.eval.truncation = 0.0  # 0: z ~ N(0, I); else truncated with sample.truncation's method.
@@ -160,7 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fid_reference_split = "train"
   c.eval.fid_reference_examples = 50_000  # First N of the split (0: all).
   c.eval.fid_stats_path = ""  # Cached reference statistics; "": WORKDIR/eval/fid_reference_*.npz.
-  # The judge (bigbigan_jax/judge.py): a classifier trained on probe_train_split's real images
+  # The judge (bigbigan_jax/evaluation/judge.py): a classifier trained on probe_train_split's real images
   # labels G(E(x)) of probe_test_split (recon/class_keep) and G's samples (classifier IS/FID,
   # class accuracy of a class-conditional G). G uses standing statistics when
   # eval.standing_stats_batches > 0, as for FID.

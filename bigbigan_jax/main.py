@@ -9,23 +9,21 @@ r"""Trains BigBiGAN or BigGAN: the command-line entry point.
 Any config field can be overridden with --config.FIELD=VALUE (see configs/*.py and
 bigbigan_jax/config.py for every field). A second run with the same --workdir resumes from
 its newest checkpoint. `--mode=eval` evaluates a workdir's checkpoint instead (config.evals,
-or every evaluator that applies when that is empty; see bigbigan_jax/evaluators.py) and writes
-the results to WORKDIR/eval/step_<step>.json and TensorBoard. All logic lives in
-`bigbigan_jax.train` and `bigbigan_jax.evaluators`, which tests and notebooks import; this
-file only parses flags.
+or every evaluator that applies when that is empty; see bigbigan_jax/evaluation/evaluators.py)
+and writes the results to WORKDIR/eval/step_<step>.json and TensorBoard. All logic lives in
+`bigbigan_jax.training.loop` and `bigbigan_jax.evaluation.evaluators`, which tests and
+notebooks import; this file only parses flags.
 """
 
 import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 
@@ -58,11 +56,11 @@ def main(argv):
     jax.distributed.initialize(
         heartbeat_timeout_seconds=int(config.lost_process_timeout_s) + 60)
   # Deferred so that TensorFlow (used for input and summaries) sees no accelerator.
-  from bigbigan_jax import evaluators  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax import metric_writer  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax import train  # pylint: disable=g-import-not-at-top
-  input_pipeline.hide_accelerators_from_tf()
+  from bigbigan_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.reporting import metric_writer  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import loop  # pylint: disable=g-import-not-at-top
+  pipeline.hide_accelerators_from_tf()
   metric_writer.quiet_library_logs()
   logging.info("JAX: process %d of %d, %d local and %d global devices (%s).",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -76,7 +74,7 @@ def main(argv):
       if FLAGS.step is not None:
         raise ValueError("--step only applies to --mode=eval; training resumes from the "
                          "newest checkpoint")
-      train.train_and_evaluate(config, FLAGS.workdir)
+      loop.train_and_evaluate(config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as error:
     # Bad input and diverged runs end with the message alone: it names the problem and the fix.
     logging.error("%s", error)
@@ -84,5 +82,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Before TensorFlow loads (in main): its C++ start-up INFO lines are not for the user.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   define_flags()
   app.run(main)

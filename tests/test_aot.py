@@ -1,4 +1,4 @@
-"""The ahead-of-time TPU compile report (`bigbigan_jax.aot`) and the analytic FLOP counts.
+"""The ahead-of-time TPU compile report (`bigbigan_jax.tools.aot`) and the analytic FLOP counts.
 
 The report tests compile the tiny config's real train step for a v4-8 slice (4 chips, one
 megacore device each) with libtpu's compile-only devices, through the command line as a user
@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bigbigan_jax import flops
+from bigbigan_jax.models import flops
+from bigbigan_jax.tools import tpu_slices
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -36,7 +37,7 @@ needs_libtpu = pytest.mark.skipif(
 
 def _aot(*args, timeout=600):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-  return subprocess.run([sys.executable, "-m", "bigbigan_jax.aot", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "bigbigan_jax.tools.aot", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -168,7 +169,7 @@ def test_tiny_step_compiles_for_v4_8_and_fits(tiny_v4_8):
 @pytest.mark.tpu_aot
 @needs_libtpu
 def test_text_report_reads_the_same_numbers(tiny_v4_8):
-  from bigbigan_jax import aot  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.tools import aot  # pylint: disable=g-import-not-at-top
   text = aot.format_report(tiny_v4_8, "configs/tiny.py")
   assert "v4-8 (v4:2x2x1: 4 chips, 4 devices of TPU v4)" in text
   assert "2 per device" in text and ": fits" in text and "of 32.00 GiB" in text
@@ -177,13 +178,13 @@ def test_text_report_reads_the_same_numbers(tiny_v4_8):
 @pytest.mark.tpu_aot
 @needs_libtpu
 def test_unknown_topology_is_a_clear_error():
-  from bigbigan_jax import aot  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.tools import aot  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="unknown TPU generation 'v9'.*Known slices"):
-    aot.parse_slice("v9-8")
+    tpu_slices.parse_slice("v9-8")
   with pytest.raises(ValueError, match="counts TensorCores"):
-    aot.parse_slice("v4-6")
+    tpu_slices.parse_slice("v4-6")
   with pytest.raises(ValueError, match="neither a Cloud TPU type"):
-    aot.parse_slice("tpu-big")
+    tpu_slices.parse_slice("tpu-big")
   result = _aot("--config=configs/tiny.py", "--topology=v9-8")
   assert result.returncode != 0
   assert "unknown TPU generation 'v9'" in result.stderr
@@ -207,7 +208,7 @@ def test_step_too_big_for_hbm_fails_with_advice():
 
 
 def test_out_of_memory_compile_error_is_summarised():
-  from bigbigan_jax import aot  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.tools import aot  # pylint: disable=g-import-not-at-top
   error = RuntimeError(
       "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
       "hbm. Used 40.52G of 15.48G hbm. Exceeded hbm capacity by 25.04G.\n\nTotal hbm usage")
@@ -220,5 +221,7 @@ def test_out_of_memory_compile_error_is_summarised():
 
 def test_importing_aot_defines_no_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax import aot  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+  from bigbigan_jax.tools import \
+      aot  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   assert "topology" not in flags.FLAGS and "hbm_gib" not in flags.FLAGS

@@ -5,10 +5,8 @@ these checksums were taken from the code as it stood before, and any change to t
 change to the math, to be explained in the commit that makes it, not absorbed.
 """
 
-import jax
 import numpy as np
 import pytest
-
 from train_steps import flat
 from train_steps import run_steps
 

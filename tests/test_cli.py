@@ -12,7 +12,7 @@ import sys
 from absl import flags
 import pytest
 
-CLI_MODULES = ("main", "summary", "benchmark", "aot", "sample")
+CLI_MODULES = ("main", "tools.summary", "tools.benchmark", "tools.aot", "tools.sample")
 
 
 def test_importing_every_cli_module_defines_no_flags():
@@ -30,5 +30,5 @@ def test_help_describes_the_flags(name):
                        capture_output=True, text=True, timeout=300)
   # absl's --help exits with status 1 after printing; what matters is what it printed.
   assert f"bigbigan_jax.{name}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
-  expected = "--workdir" if name == "sample" else "--config"
+  expected = "--workdir" if name == "tools.sample" else "--config"
   assert expected in out.stdout

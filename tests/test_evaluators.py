@@ -18,12 +18,14 @@ import pytest
 import tensorflow as tf
 
 from bigbigan_jax import config as config_lib
-from bigbigan_jax import evaluators
-from bigbigan_jax import inception
 from bigbigan_jax import inference
-from bigbigan_jax import models
 from bigbigan_jax import sharding
-from bigbigan_jax import train
+from bigbigan_jax.evaluation import common
+from bigbigan_jax.evaluation import evaluators
+from bigbigan_jax.evaluation import fid_eval
+from bigbigan_jax.evaluation import inception
+from bigbigan_jax.models import networks
+from bigbigan_jax.training import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -36,10 +38,10 @@ def tiny(variant="bigbigan"):
 def fresh_model():
   """A freshly initialised tiny BigBiGAN on 2 devices (evaluators need no training)."""
   config = tiny()
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   mesh = sharding.make_mesh((("data", 2),), jax.devices()[:2])
-  abstract = train.abstract_train_state(nets, config, mesh)
-  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+  abstract = state_lib.abstract_train_state(nets, config, mesh)
+  state = state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
   return inference.from_state(nets, state, config, batch_size=16)
 
 
@@ -127,9 +129,9 @@ def test_probe_on_the_same_images_twice_is_refused(tmp_path):
 def test_fid_without_weights_says_which_file_and_how_to_make_it(tmp_path):
   config = tiny()
   config.evals = ("fid",)
-  with pytest.raises(evaluators.MissingInceptionWeights,
+  with pytest.raises(fid_eval.MissingInceptionWeights,
                      match="config.eval.inception_path is empty.*python -m "
-                     "bigbigan_jax.inception --convert_from="):
+                     "bigbigan_jax.evaluation.inception_weights --convert_from="):
     evaluators.build(config, str(tmp_path))
   config.eval.inception_path = str(tmp_path / "nowhere.npz")
   with pytest.raises(FileNotFoundError, match="nowhere.npz' names no file"):
@@ -180,8 +182,8 @@ def test_fid_of_the_reference_set_with_itself_is_zero_and_stats_are_cached(tmp_p
   config.eval.is_splits = 2
   workdir = str(tmp_path / "run")
   fid, = evaluators.build(config, workdir)
-  reals = np.concatenate([x for x, _ in evaluators.real_batches(config, "train", 8)])
-  reals = np.asarray(models.pool_for_discriminator(reals, config.model.resolution))
+  reals = np.concatenate([x for x, _ in common.real_batches(config, "train", 8)])
+  reals = np.asarray(networks.pool_for_discriminator(reals, config.model.resolution))
   mesh = sharding.make_mesh((("data", 8),))
   # FID's sqrtm of a singular 2048x2048 product takes ~30 s here; that math has its own tests
   # (test_metrics). What this checks: the evaluator hands it the samples' and the reference's
@@ -255,7 +257,7 @@ def test_eval_mode_fails_before_any_work(tmp_path):
   test_train), raised before a checkpoint is read or anything is written."""
   config = tiny()
   config.evals = ("fid",)
-  with pytest.raises(evaluators.MissingInceptionWeights, match="inception_path is empty"):
+  with pytest.raises(fid_eval.MissingInceptionWeights, match="inception_path is empty"):
     evaluators.evaluate(config, str(tmp_path / "none"))
   with pytest.raises(FileNotFoundError, match="no checkpoint in .*train one first"):
     evaluators.evaluate(tiny(), str(tmp_path / "none"))

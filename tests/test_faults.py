@@ -1,5 +1,5 @@
 """Faults a pod run meets, on the CPU: preemption of one host of two, a host lost, SIGTERM
-and `kill -9` of a single host mid-save, damaged checkpoints (bigbigan_jax/faults.py and
+and `kill -9` of a single host mid-save, damaged checkpoints (bigbigan_jax/training/faults.py and
 checkpoint.restore_newest_intact)."""
 
 import glob
@@ -15,13 +15,12 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from bigbigan_jax import checkpoint as checkpoint_lib
-from bigbigan_jax import faults
-from bigbigan_jax import train
 from test_multihost import _free_port
 from test_train import tiny
 from train_steps import flat
+
+from bigbigan_jax.training import faults
+from bigbigan_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "multihost_worker.py"
@@ -84,7 +83,7 @@ def test_all_checkpoints_damaged_is_an_error_that_changes_nothing(tmp_path, four
   (run / "checkpoints" / "2" / "meta" / "metadata").write_text("{not json")
   before = sorted(glob.glob(str(run / "**"), recursive=True))
   with pytest.raises(ValueError) as error:
-    train.prepare(tiny(), str(run))
+    loop.prepare(tiny(), str(run))
   message = str(error.value)
   assert "no checkpoint in" in message and "step 4:" in message and "step 2:" in message
   assert "Restore those step folders from a copy" in message
@@ -271,7 +270,7 @@ def _main(workdir, *flags):
 
 
 def _final_params(workdir, config):
-  prepared = train.prepare(config, str(workdir))
+  prepared = loop.prepare(config, str(workdir))
   return prepared.resume_step, flat(jax.device_get(prepared.resumed_state.params))
 
 

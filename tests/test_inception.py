@@ -12,7 +12,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 import pytest
 
-from bigbigan_jax import inception
+from bigbigan_jax.evaluation import inception
+from bigbigan_jax.evaluation import inception_weights
 
 # ----------------------------------------------------------------------------------------
 # pytorch-fid's FID Inception as data: every BasicConv2d as (name, in, out, (kh, kw), stride,
@@ -251,22 +252,22 @@ def test_architecture_matches_the_state_dict_layout():
 
 def test_key_mapping_covers_every_key():
   for key in torch_shapes():
-    assert inception.torch_key_to_flax(key) == flax_name(key)
-  assert inception.torch_key_to_flax("Mixed_5b.branch1x1.bn.num_batches_tracked") is None
+    assert inception_weights.torch_key_to_flax(key) == flax_name(key)
+  assert inception_weights.torch_key_to_flax("Mixed_5b.branch1x1.bn.num_batches_tracked") is None
   with pytest.raises(ValueError, match="AuxLogits"):
-    inception.torch_key_to_flax("AuxLogits.fc.weight.extra")
+    inception_weights.torch_key_to_flax("AuxLogits.fc.weight.extra")
 
 
 def test_convert_load_and_forward_match_numpy_reference(tmp_path):
   sd = fake_state_dict()
   sd_path, out_path = tmp_path / "pytorch_fid_state_dict.npz", tmp_path / "inception_fid.npz"
   np.savez(sd_path, **sd)
-  inception.main([f"--convert_from={sd_path}", f"--out={out_path}"])
+  inception_weights.main([f"--convert_from={sd_path}", f"--out={out_path}"])
 
-  module, variables = inception.load_inception(out_path)
+  module, variables = inception_weights.load_inception(out_path)
   flat = {}
   for collection, tree in variables.items():
-    flat.update(inception._flatten(tree, collection))
+    flat.update(inception.flatten_variables(tree, collection))
   assert set(flat) == {flax_name(k) for k in torch_shapes()}
   for key in torch_shapes():
     source = sd[key]
@@ -339,7 +340,7 @@ def test_pools_exclude_padding():
 def test_missing_or_wrong_weight_files_give_clear_errors(tmp_path):
   missing = tmp_path / "nowhere" / "inception_fid.npz"
   with pytest.raises(FileNotFoundError) as e:
-    inception.load_inception(missing)
+    inception_weights.load_inception(missing)
   assert str(missing) in str(e.value) and "--convert_from" in str(e.value)
   assert "pt_inception-2015-12-05-6726825d.pth" in str(e.value)
 
@@ -350,16 +351,16 @@ def test_missing_or_wrong_weight_files_give_clear_errors(tmp_path):
   bad = tmp_path / "bad.npz"
   np.savez(bad, **flat)
   with pytest.raises(ValueError) as e:
-    inception.load_inception(bad)
+    inception_weights.load_inception(bad)
   message = str(e.value)
   assert str(bad) in message and "params/fc/bias" in message and "(2048, 1000)" in message
 
   not_npz = tmp_path / "garbage.npz"
   not_npz.write_bytes(b"not a zip file")
   with pytest.raises(ValueError, match="garbage.npz"):
-    inception.load_inception(not_npz)
+    inception_weights.load_inception(not_npz)
 
   sd = fake_state_dict()
   sd["fc.weight"] = sd["fc.weight"][:1000]  # torchvision's 1000 classes: the wrong network.
   with pytest.raises(ValueError, match="fc/kernel"):
-    inception.convert_state_dict(sd)
+    inception_weights.convert_state_dict(sd)

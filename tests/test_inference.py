@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bigbigan_jax import checkpoint as checkpoint_lib
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import inference
-from bigbigan_jax import models
 from bigbigan_jax import sharding
-from bigbigan_jax import train
+from bigbigan_jax.models import networks
+from bigbigan_jax.training import checkpoint as checkpoint_lib
+from bigbigan_jax.training import loop
+from bigbigan_jax.training import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BATCH = 8  # Per compiled call: one example per fake device, so 13 examples take two calls.
@@ -39,7 +40,7 @@ def workdir(tmp_path_factory):
   config.num_train_steps = 2
   config.ema.start_step = 0  # So the EMA copy (0.9 * init + 0.1 * trained) is not G itself.
   path = tmp_path_factory.mktemp("bigbigan")
-  train.train_and_evaluate(config, str(path))
+  loop.train_and_evaluate(config, str(path))
   return str(path)
 
 
@@ -47,9 +48,9 @@ def workdir(tmp_path_factory):
 def biggan_workdir(tmp_path_factory):
   """An untrained class-conditional BigGAN checkpoint (no train step to compile)."""
   config = _tiny("biggan")
-  nets = models.build(config.model)
-  abstract = train.abstract_train_state(nets, config, sharding.make_mesh(config.mesh))
-  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(1))
+  nets = networks.build(config.model)
+  abstract = state_lib.abstract_train_state(nets, config, sharding.make_mesh(config.mesh))
+  state = state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(1))
   path = tmp_path_factory.mktemp("biggan")
   ckpt = checkpoint_lib.Checkpoints(str(path), config)
   ckpt.save(0, state, {"step": 0}, force=True)
@@ -111,7 +112,7 @@ def test_outputs_equal_the_networks_applied_directly(model):
   for key in ("z_mean", "z_stdev", "avepool_feat", "bn_crelu_feat"):
     np.testing.assert_allclose(ours[key], enc[key], rtol=1e-5, atol=1e-6, err_msg=key)
   scores = jax.jit(functools.partial(nets.discriminator.apply, train=False))(
-      model.discriminator_variables, models.pool_for_discriminator(x, 32), z)
+      model.discriminator_variables, networks.pool_for_discriminator(x, 32), z)
   for key, value in model.discriminate(x, z).items():
     np.testing.assert_allclose(value, scores[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
@@ -177,10 +178,10 @@ def test_ema_and_trained_generator_differ(workdir, model):
 def test_from_state_matches_load(workdir, model):
   step, meta, _ = checkpoint_lib.read_latest(workdir)
   config = ml_collections.ConfigDict(json.loads(meta["config"]))
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   mesh = sharding.make_mesh((("data", -1),))
   state = checkpoint_lib.Checkpoints(workdir, config).restore(
-      step, train.abstract_train_state(nets, config, mesh))
+      step, state_lib.abstract_train_state(nets, config, mesh))
   wrapped = inference.from_state(nets, state, config, batch_size=BATCH)
   assert wrapped.step == 2 and wrapped.mesh == mesh
   z = inference.sample_z(1, 3, model.z_dim)

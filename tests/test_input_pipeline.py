@@ -13,7 +13,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bigbigan_jax import config as config_lib
-from bigbigan_jax import input_pipeline
+from bigbigan_jax.data import pipeline
+from bigbigan_jax.data import preprocess
+from bigbigan_jax.data import sources
+from bigbigan_jax.data import streams
 
 TINY_TRAIN, TINY_TEST = 41, 11
 
@@ -85,7 +88,7 @@ def make_config(**data):
 def take(config, n, **kwargs):
   kwargs.setdefault("process_index", 0)
   kwargs.setdefault("process_count", 1)
-  it = input_pipeline.create_input_iter(config, **kwargs)
+  it = pipeline.create_input_iter(config, **kwargs)
   return it, [next(it) for _ in range(n)]
 
 
@@ -141,7 +144,7 @@ def test_digits_eval_pads_with_mask():
   c.batch_size = 16
   got = {}
   for p in range(2):
-    it = input_pipeline.create_input_iter(c, train=False, split="test", process_index=p,
+    it = pipeline.create_input_iter(c, train=False, split="test", process_index=p,
                                           process_count=2)
     batches = list(it)
     assert len(batches) == it.num_batches == 19  # ceil(ceil(297 / 2) / 8)
@@ -213,7 +216,7 @@ def test_tfds_source_with_mock_data():
       check_batch(b, 8, 32)
       assert b["label"].max() < 10
       np.testing.assert_array_equal(b["image"][..., 0], b["image"][..., 1])  # Grey to RGB.
-    it = input_pipeline.create_input_iter(c, train=False, process_index=0, process_count=1)
+    it = pipeline.create_input_iter(c, train=False, process_index=0, process_count=1)
     evals = list(it)
   assert len(evals) == 3 and sum(int(b["mask"].sum()) for b in evals) == 20
 
@@ -249,7 +252,7 @@ def test_tfds_processes_read_disjoint_shards(tiny_tfds_dir):
   # Evaluation covers every example exactly once over both processes, padded to equal length.
   seen = []
   for p in range(2):
-    batches = list(input_pipeline.create_input_iter(c, train=False, process_index=p,
+    batches = list(pipeline.create_input_iter(c, train=False, process_index=p,
                                                     process_count=2))
     assert len(batches) == 2  # ceil(ceil(11 / 2) / 4)
     seen += [int(l) for b in batches for l, m in zip(b["label"], b["mask"]) if m]
@@ -259,14 +262,14 @@ def test_tfds_processes_read_disjoint_shards(tiny_tfds_dir):
 def test_crop_window_stays_inside_the_image():
   for shape in [(100, 60, 3), (24, 20, 3), (8, 8, 3), (500, 375, 3)]:
     for s in range(25):
-      y, x, h, w = input_pipeline.crop_window(tf.constant(shape), "resnet", 32,
+      y, x, h, w = preprocess.crop_window(tf.constant(shape), "resnet", 32,
                                               tf.constant([s, 7], tf.int64)).numpy()
       assert 0 <= y and 0 <= x and h >= 1 and w >= 1
       assert y + h <= shape[0] and x + w <= shape[1]
-  center = input_pipeline.crop_window(tf.constant([500, 375, 3]), "center", 256).numpy()
+  center = preprocess.crop_window(tf.constant([500, 375, 3]), "center", 256).numpy()
   assert center.tolist() == [84, 21, 333, 333]  # 375 * 256 / 288, centred.
   image = tf.constant(np.random.default_rng(0).integers(0, 256, (50, 70, 3)), tf.uint8)
-  out = input_pipeline.preprocess_image(image, "decoded", mode="resnet", resolution=32,
+  out = preprocess.preprocess_image(image, "decoded", mode="resnet", resolution=32,
                                         seed=tf.constant([1, 2], tf.int64), flip=True)
   assert out.shape == (32, 32, 3) and -1 <= out.numpy().min() <= out.numpy().max() <= 1
 
@@ -291,7 +294,7 @@ def test_errors(change, message, tmp_path, tiny_tfds_dir):
     else:
       c.data[k] = v
   with pytest.raises(ValueError, match=message):
-    input_pipeline.create_input_iter(c, process_index=0, process_count=2)
+    pipeline.create_input_iter(c, process_index=0, process_count=2)
 
 
 def _class_tree(root, counts):
@@ -305,7 +308,7 @@ def _class_tree(root, counts):
 def _split_values(c, split):
   """(labels, first-pixel values) of one ordered pass over a split."""
   labels, values = [], []
-  for batch in input_pipeline.create_input_iter(c, split=split, train=False, process_index=0,
+  for batch in pipeline.create_input_iter(c, split=split, train=False, process_index=0,
                                                 process_count=1):
     labels += list(batch["label"][batch["mask"]])
     values += list(np.round((batch["image"][batch["mask"]][:, 0, 0, 0] + 1) * 127.5))
@@ -323,7 +326,7 @@ def test_split_folders_are_splits(tmp_path):
     assert _split_values(c, name) == ([0, 1], [0.0, 10.0])
   with pytest.raises(ValueError, match=r"has the split folders \['train', 'val'\], and none "
                      "of them is split 'extra'"):
-    input_pipeline.create_input_iter(c, split="extra", train=False)
+    pipeline.create_input_iter(c, split="extra", train=False)
 
 
 def test_folder_slices_partition_a_split_over_every_class(tmp_path):
@@ -339,9 +342,9 @@ def test_folder_slices_partition_a_split_over_every_class(tmp_path):
   assert _split_values(c, "train[:3]")[1] == _split_values(c, "train[:3]")[1]
   assert len(_split_values(c, "train[-5:]")[0]) == 5
   with pytest.raises(ValueError, match="slice bound 'x' is neither an integer"):
-    input_pipeline.create_input_iter(c, split="train[:x]", train=False)
+    pipeline.create_input_iter(c, split="train[:x]", train=False)
   with pytest.raises(ValueError, match="selects none of its 20 images"):
-    input_pipeline.create_input_iter(c, split="train[50%:50%]", train=False)
+    pipeline.create_input_iter(c, split="train[50%:50%]", train=False)
 
 
 def _truncated_jpeg(path):
@@ -369,10 +372,10 @@ def test_corrupt_image_is_named(corrupt_folder):
   with pytest.raises(ValueError, match=re.escape(bad) + ".*skip_corrupt=True"):
     take(c, 3)
   with pytest.raises(ValueError, match=re.escape(bad) + " cannot be decoded"):
-    list(input_pipeline.create_input_iter(c, train=False, process_index=0, process_count=1))
+    list(pipeline.create_input_iter(c, train=False, process_index=0, process_count=1))
   # A failing batch whose files all decode (not pinned down): the whole split is searched.
-  source = input_pipeline._folder_source(folder, "train")
-  error = input_pipeline._explain_file_error(source, np.arange(2), RuntimeError("tf's"))
+  source = sources.folder_source(folder, "train")
+  error = sources.explain_file_error(source, np.arange(2), RuntimeError("tf's"))
   assert isinstance(error, ValueError) and bad in str(error) and "not checked" not in str(error)
 
 
@@ -396,15 +399,15 @@ def test_skip_corrupt_leaves_the_file_out_and_resumes_exactly(corrupt_folder, ca
 def test_failing_batch_indices_are_the_streams():
   # Labels 0..12 name the examples, so the stream's labels are the source indices.
   n = 13
-  source = input_pipeline._IndexedSource("t", "train", "decoded", np.zeros((n, 4, 4, 3)),
+  source = sources.IndexedSource("t", "train", "decoded", np.zeros((n, 4, 4, 3)),
                                          np.arange(n))
   for process_index in range(2):
-    ds = input_pipeline._indexed_train_stream(
+    ds = streams.indexed_train_stream(
         source, seed=3, batch_size=8, process_index=process_index, process_count=2,
         start_step=0, mode="none", flip=False, resolution=4)
     labels = [b["label"] for b in ds.batch(4).take(5).as_numpy_iterator()]
     for step, got in enumerate(labels):
-      want = input_pipeline._train_batch_indices(n, seed=3, batch_size=8, step=step,
+      want = streams.train_batch_indices(n, seed=3, batch_size=8, step=step,
                                                  process_index=process_index, process_count=2)
       np.testing.assert_array_equal(got, want)
 
@@ -459,7 +462,7 @@ def test_tfds_corrupt_record(tmp_path, caplog):
   assert_batches_equal(straight[5:], rest)
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    batches = list(input_pipeline.create_input_iter(c, train=False, process_index=0,
+    batches = list(pipeline.create_input_iter(c, train=False, process_index=0,
                                                     process_count=1))
   assert "1 of this process's 20 records did not decode" in caplog.text
   assert len(batches) == 5 and set(batches[0]) == {"image", "label", "mask"}

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 
 from bigbigan_jax import config as config_lib
-from bigbigan_jax import evaluators
 from bigbigan_jax import inference
-from bigbigan_jax import judge as judge_lib
-from bigbigan_jax import models
 from bigbigan_jax import sharding
-from bigbigan_jax import train
+from bigbigan_jax.evaluation import common
+from bigbigan_jax.evaluation import evaluators
+from bigbigan_jax.evaluation import judge as judge_lib
+from bigbigan_jax.evaluation import probe_eval
+from bigbigan_jax.models import networks
+from bigbigan_jax.training import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -32,10 +34,10 @@ def _config(variant="bigbigan"):
 
 
 def _model(config):
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   mesh = sharding.make_mesh((("data", 1),), jax.devices()[:1])
-  abstract = train.abstract_train_state(nets, config, mesh)
-  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+  abstract = state_lib.abstract_train_state(nets, config, mesh)
+  state = state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
   return inference.from_state(nets, state, config, batch_size=64)
 
 
@@ -49,7 +51,7 @@ def setup():
 
 
 def _pooled(images, resolution):
-  return np.asarray(models.pool_for_discriminator(images, resolution))
+  return np.asarray(networks.pool_for_discriminator(images, resolution))
 
 
 def test_judge_learns_the_digits(setup):
@@ -139,9 +141,9 @@ def test_class_accuracy_of_a_conditional_generator(monkeypatch):
 
 def test_fair_random_encoder_estimates_bn_statistics(setup):
   config, _, model, _, _, _ = setup
-  batches = list(evaluators.real_batches(config, "train", 128))
-  initial = evaluators.random_encoder(model, seed=1)
-  fair = evaluators.random_encoder(model, seed=1, batches=batches)
+  batches = list(common.real_batches(config, "train", 128))
+  initial = probe_eval.random_encoder(model, seed=1)
+  fair = probe_eval.random_encoder(model, seed=1, batches=batches)
   flat = lambda m: jax.tree_util.tree_leaves(m.encoder_variables["batch_stats"])
   # Same weights, statistics no longer the initial (0, 1).
   np.testing.assert_array_equal(
@@ -154,7 +156,7 @@ def test_fair_random_encoder_estimates_bn_statistics(setup):
   # Estimated on one batch, every layer's statistics are that batch's, so evaluation mode
   # reproduces training mode on it: the last BN's mean and variance are those of the
   # evaluation-mode features of the same images.
-  one = evaluators.random_encoder(model, seed=1, batches=batches[:1])
+  one = probe_eval.random_encoder(model, seed=1, batches=batches[:1])
   normed = one.encoder_variables["batch_stats"]["feat_bn"]["norm"]
   feats = one.encode(images)["avepool_feat"]
   np.testing.assert_allclose(normed["mean"], feats.mean(0), rtol=1e-4, atol=1e-5)
@@ -163,8 +165,10 @@ def test_fair_random_encoder_estimates_bn_statistics(setup):
 
 def test_learning_curves_png_from_eval_results(tmp_path):
   import json
+
   from PIL import Image
-  from bigbigan_jax import curves
+
+  from bigbigan_jax.reporting import curves
   assert curves.plot(str(tmp_path)) is None  # No results yet: nothing drawn.
   (tmp_path / "eval").mkdir()
   for step, top1 in ((100, 0.5), (200, 0.7)):

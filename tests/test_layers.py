@@ -3,11 +3,13 @@ self-attention."""
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from bigbigan_jax import layers
+from bigbigan_jax.models import layers
 
 
 def _converge_sn(module, variables, x, steps=60):

@@ -5,7 +5,7 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
-from bigbigan_jax import linear_probe
+from bigbigan_jax.evaluation import linear_probe
 
 
 def _clusters(rng, n, centres, noise):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigbigan_jax import losses
+from bigbigan_jax.training import losses
 
 
 def test_biggan_hinge_values():

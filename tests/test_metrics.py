@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from bigbigan_jax import metrics
+from bigbigan_jax.evaluation import metrics
 
 
 def _closed_form_fid(mu1, var1, mu2, var2):

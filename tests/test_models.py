@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bigbigan_jax import config as config_lib
-from bigbigan_jax import encoder as encoder_lib
-from bigbigan_jax import models
+from bigbigan_jax.models import encoder as encoder_lib
+from bigbigan_jax.models import networks
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -18,7 +18,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 @functools.lru_cache(maxsize=None)
 def _tiny(variant):
   config = config_lib.load(str(CONFIGS / f"tiny.py:{variant}"))
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   return nets, jax.jit(nets.init, static_argnums=1)(jax.random.PRNGKey(0), 4)
 
 
@@ -125,7 +125,7 @@ def test_revnet_unit_is_reversible():
 def test_revnet_encoder_shapes():
   model = config_lib.base_config().model
   model.encoder.arch, model.encoder.width_multiplier = "revnet", 4
-  nets = models.build(model)
+  nets = networks.build(model)
   shapes = jax.eval_shape(nets.init, jax.random.PRNGKey(0))
   out = jax.eval_shape(
       lambda v, x: nets.encoder.apply(v, x, train=False, rngs={"noise": jax.random.PRNGKey(0)}),
@@ -152,7 +152,7 @@ def test_invalid_model_settings_raise_before_init(field, value, message):
     target = target[p]
   target[leaf] = value
   with pytest.raises(ValueError, match=message) as error:
-    models.build(model)
+    networks.build(model)
   assert "config.model." in str(error.value)  # names the field to fix
 
 
@@ -160,7 +160,7 @@ def test_biggan_needs_classes():
   model = config_lib.base_config().model
   model.kind = "biggan"
   with pytest.raises(ValueError, match="num_classes"):
-    models.build(model)
+    networks.build(model)
 
 
 def _tiny_with(**model_fields):
@@ -171,7 +171,7 @@ def _tiny_with(**model_fields):
     for part in path:
       node = node[part]
     node[last] = value
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   return nets, nets.init(jax.random.PRNGKey(0), 4)
 
 
@@ -250,7 +250,7 @@ def test_resolution_16_is_the_32_px_net_less_its_first_block():
   config.model.resolution, config.model.z_dim = 16, 9
   config.model.g_attention_res = config.model.d_attention_res = 8
   config.model.encoder.resolution = 32
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   variables = jax.jit(nets.init, static_argnums=1)(jax.random.PRNGKey(0), 4)
   assert nets.generator.num_chunks == 3
   assert sorted(k for k in variables["generator"]["params"] if k.startswith("block")) == [

@@ -26,7 +26,7 @@ def _start(process_id, num_processes, local_devices, port, tmp_path, name):
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc):
+def finish(proc):
   out, _ = proc.communicate(timeout=900)
   assert proc.returncode == 0, out[-4000:]
 
@@ -36,7 +36,7 @@ def test_two_processes_match_one_process(tmp_path):
   hosts = [_start(i, 2, 2, port, tmp_path, "two_hosts") for i in range(2)]
   single = _start(0, 1, 4, 0, tmp_path, "one_host")
   for proc in hosts + [single]:
-    _finish(proc)
+    finish(proc)
   two = np.load(tmp_path / "two_hosts.npz")
   one = np.load(tmp_path / "one_host.npz")
   assert sorted(two.files) == sorted(one.files) and len(one.files) > 50

@@ -11,13 +11,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from bigbigan_jax import checkpoint as checkpoint_lib
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import inference
-from bigbigan_jax import models
-from bigbigan_jax import sample
 from bigbigan_jax import sharding
-from bigbigan_jax import train
+from bigbigan_jax.models import networks
+from bigbigan_jax.tools import sample
+from bigbigan_jax.training import checkpoint as checkpoint_lib
+from bigbigan_jax.training import state as state_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TILE = 32 + 1  # A 32x32 image and its 1-pixel gutter in images.grid.
@@ -31,10 +31,10 @@ def _grid_size(rows, cols):
 def _untrained_checkpoint(variant, path):
   """Saves the tiny config's initial train state: the CLI needs weights, not good ones."""
   config = config_lib.load(str(ROOT / f"configs/tiny.py:{variant}"))
-  nets = models.build(config.model)
-  abstract = train.abstract_train_state(nets, config, sharding.make_mesh(config.mesh))
+  nets = networks.build(config.model)
+  abstract = state_lib.abstract_train_state(nets, config, sharding.make_mesh(config.mesh))
   ckpt = checkpoint_lib.Checkpoints(str(path), config)
-  ckpt.save(1, train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0)), {"step": 1},
+  ckpt.save(1, state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0)), {"step": 1},
             force=True)
   ckpt.wait()
   ckpt.close()
@@ -126,7 +126,7 @@ def test_bad_input_fails_before_restoring(workdirs, tmp_path, no_restore, varian
 
 def _run_cli(*args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "bigbigan_jax.sample", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", "bigbigan_jax.tools.sample", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
 

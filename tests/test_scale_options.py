@@ -9,12 +9,11 @@ All on the tiny config, with one D update per step to keep the compiles short.
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from bigbigan_jax import models
-from bigbigan_jax import sharding
-from bigbigan_jax import train
 from train_steps import flat
 from train_steps import one_step
+
+from bigbigan_jax import sharding
+from bigbigan_jax.models import networks
 
 
 def _tiny(load_config, variant="bigbigan", **model_overrides):
@@ -68,7 +67,7 @@ def test_shard_params_gives_the_replicated_step(load_config):
 def _forward(config):
   """G(z), D's scores on real and fake pairs, and E's outputs, at shared init params,
   in training mode (batch statistics), as the train step runs them."""
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   variables = nets.init(jax.random.PRNGKey(0), batch=2)
   rng = np.random.default_rng(1)
   b, r = 16, nets.encoder_resolution
@@ -80,7 +79,7 @@ def _forward(config):
     fake, _ = nets.generator.apply(v["generator"], z, train=True, mutable=mutable)
     enc, _ = nets.encoder.apply(v["encoder"], x, train=True, mutable=mutable,
                                 rngs={"noise": jax.random.PRNGKey(2)})
-    real_x = models.pool_for_discriminator(x, nets.resolution)
+    real_x = networks.pool_for_discriminator(x, nets.resolution)
     scores, _ = nets.discriminator.apply(
         v["discriminator"], jnp.concatenate([real_x, fake]),
         jnp.concatenate([enc["z_sample"], z]), train=True, mutable=mutable)
@@ -93,7 +92,7 @@ def test_bfloat16_activations_stay_close_to_float32(load_config):
   fake32, scores32, enc32 = _forward(_tiny(load_config))
   fake16, scores16, enc16 = _forward(_tiny(load_config, dtype="bfloat16"))
   # Params stay float32 either way: the knob touches activations only.
-  nets = models.build(_tiny(load_config, dtype="bfloat16").model)
+  nets = networks.build(_tiny(load_config, dtype="bfloat16").model)
   params = jax.eval_shape(lambda k: nets.init(k), jax.random.PRNGKey(0))
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype("float32")}
   # Outputs leave the networks as float32 (tanh, pooled features and scores are upcast).

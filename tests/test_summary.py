@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from bigbigan_jax import config as config_lib
-from bigbigan_jax import summary
+from bigbigan_jax.tools import summary
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_biggan_128_counts_match_reference_exactly():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = subprocess.run(
-      [sys.executable, "-m", "bigbigan_jax.summary", "--config=configs/biggan_128.py", "--json"],
+      [sys.executable, "-m", "bigbigan_jax.tools.summary", "--config=configs/biggan_128.py", "--json"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=True)
   counts = json.loads(out.stdout.strip().splitlines()[-1])
   # BigGAN-PyTorch and compare_gan agree on these (and the BigGAN paper: 70.4M / 88.0M).

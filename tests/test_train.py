@@ -9,18 +9,20 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-from bigbigan_jax import benchmark
-from bigbigan_jax import checkpoint as checkpoint_lib
-from bigbigan_jax import config as config_lib
-from bigbigan_jax import models
-from bigbigan_jax import sharding
-from bigbigan_jax import train
 from train_steps import flat
 from train_steps import one_step
 
+from bigbigan_jax import config as config_lib
+from bigbigan_jax import sharding
+from bigbigan_jax.models import networks
+from bigbigan_jax.tools import benchmark
+from bigbigan_jax.training import checkpoint as checkpoint_lib
+from bigbigan_jax.training import loop
+from bigbigan_jax.training import state as state_lib
+from bigbigan_jax.training import step as step_lib
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-_TO_GLOBAL = train.to_global
+_TO_GLOBAL = step_lib.to_global
 
 
 def tiny(variant="bigbigan", **overrides):
@@ -57,7 +59,7 @@ def test_step_on_8_devices_equals_1_device(weight_grad):
   for key in m1:
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-4, atol=1e-5, err_msg=key)
   # The step did move everything it trains.
-  init = train.init_train_state(jax.random.PRNGKey(0), nets=models.build(config.model),
+  init = state_lib.init_train_state(jax.random.PRNGKey(0), nets=networks.build(config.model),
                                 config=config)
   for name in one.params:
     assert not np.allclose(flat(one.params[name]), flat(init.params[name])), name
@@ -69,8 +71,8 @@ def test_step_on_8_devices_equals_1_device(weight_grad):
 
 def test_biggan_step_trains_g_and_d_and_ema_tracks_g():
   config = tiny("biggan", ema__start_step=0, ema__decay=0.5)
-  nets = models.build(config.model)
-  init = train.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
+  nets = networks.build(config.model)
+  init = state_lib.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
   state, metrics, _ = one_step(config, 1)
   assert set(state.params) == {"generator", "discriminator"}
   assert {"score/real", "score/fake", "g_loss"} <= set(metrics)
@@ -80,7 +82,7 @@ def test_biggan_step_trains_g_and_d_and_ema_tracks_g():
 
 
 class _Recorder:
-  """Wraps train.to_global to keep every step's local batch."""
+  """Wraps step_lib.to_global to keep every step's local batch."""
 
   def __init__(self, monkeypatch, poison_step=None):
     self.batches = []
@@ -92,17 +94,17 @@ class _Recorder:
         local = {**local, "image": np.full_like(local["image"], np.nan)}
       return original(local, *args)
 
-    monkeypatch.setattr(train, "to_global", record)
+    monkeypatch.setattr(step_lib, "to_global", record)
 
 
 def test_resume_gives_the_same_params_and_batches(tmp_path, monkeypatch):
   straight = _Recorder(monkeypatch)
-  final_straight = train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "a"))
+  final_straight = loop.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "a"))
 
   resumed = _Recorder(monkeypatch)
-  train.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "b"))
+  loop.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "b"))
   assert checkpoint_lib.read_latest(str(tmp_path / "b"))[0] == 3
-  final_resumed = train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "b"))
+  final_resumed = loop.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "b"))
 
   assert int(final_resumed.step) == int(final_straight.step) == 6
   assert len(resumed.batches) == len(straight.batches) == 6
@@ -124,17 +126,17 @@ def test_resume_gives_the_same_params_and_batches(tmp_path, monkeypatch):
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   _Recorder(monkeypatch, poison_step=3)
   with pytest.raises(FloatingPointError, match="step 3") as error:
-    train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path))
+    loop.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path))
   assert "last good checkpoint is step 2" in str(error.value)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
 def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
   config = tiny(shard_params=True)
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   mesh8 = sharding.make_mesh((("data", 8),), jax.devices()[:8])
-  abstract8 = train.abstract_train_state(nets, config, mesh8)
-  state = train.make_init_fn(nets, config, abstract8)(jax.random.PRNGKey(3))
+  abstract8 = state_lib.abstract_train_state(nets, config, mesh8)
+  state = state_lib.make_init_fn(nets, config, abstract8)(jax.random.PRNGKey(3))
   sharded = [x for x in jax.tree_util.tree_leaves(state) if not x.sharding.is_fully_replicated]
   assert sharded, "shard_params splits the larger leaves over the 8 devices"
   ckpt = checkpoint_lib.Checkpoints(str(tmp_path), config)
@@ -143,7 +145,7 @@ def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
 
   mesh4 = sharding.make_mesh((("data", 4),), jax.devices()[:4])
   restored = checkpoint_lib.Checkpoints(str(tmp_path), config).restore(
-      7, train.abstract_train_state(nets, config, mesh4))
+      7, state_lib.abstract_train_state(nets, config, mesh4))
   np.testing.assert_array_equal(flat(restored), flat(state))
   devices = {d for x in jax.tree_util.tree_leaves(restored) for d in x.sharding.device_set}
   assert devices == set(jax.devices()[:4])
@@ -162,7 +164,7 @@ def _listing(path):
 def test_bad_input_fails_before_anything_is_written(tmp_path, overrides, message):
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=message):
-    train.train_and_evaluate(tiny(**overrides), str(workdir))
+    loop.train_and_evaluate(tiny(**overrides), str(workdir))
   assert not workdir.exists()
 
 
@@ -170,22 +172,22 @@ def test_empty_image_folder_is_rejected(tmp_path):
   (tmp_path / "images" / "cats").mkdir(parents=True)
   (tmp_path / "images" / "cats" / "notes.txt").write_text("no images here")
   with pytest.raises(ValueError, match="has no images"):
-    train.prepare(tiny(data__source="folder", data__folder=str(tmp_path / "images")),
+    loop.prepare(tiny(data__source="folder", data__folder=str(tmp_path / "images")),
                   str(tmp_path / "run"))
 
 
 def test_checkpoint_of_another_model_is_refused_untouched(tmp_path):
   config = tiny()
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   mesh = sharding.make_mesh((("data", -1),))
-  abstract = train.abstract_train_state(nets, config, mesh)
+  abstract = state_lib.abstract_train_state(nets, config, mesh)
   ckpt = checkpoint_lib.Checkpoints(str(tmp_path), config)
-  ckpt.save(5, train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0)), {"step": 5},
+  ckpt.save(5, state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0)), {"step": 5},
             force=True)
   ckpt.wait()
   before = _listing(tmp_path)
   with pytest.raises(ValueError, match=r"different model:\n  model.ch: checkpoint 4 vs config 8"):
-    train.train_and_evaluate(tiny(model__ch=8), str(tmp_path))
+    loop.train_and_evaluate(tiny(model__ch=8), str(tmp_path))
   assert _listing(tmp_path) == before
   # Settings that do not change what is stored may differ on resume.
   step, _ = checkpoint_lib.check_compatible(str(tmp_path), tiny(model__remat=True))

@@ -3,9 +3,10 @@
 import jax
 import numpy as np
 
-from bigbigan_jax import models
 from bigbigan_jax import sharding
-from bigbigan_jax import train
+from bigbigan_jax.models import networks
+from bigbigan_jax.training import state as state_lib
+from bigbigan_jax.training import step as step_lib
 
 
 def flat(tree) -> np.ndarray:
@@ -23,28 +24,28 @@ def _random_batch(config, nets, rng):
 def run_steps(config, num_steps: int, num_devices: int = 1):
   """The state after `num_steps` train steps from PRNGKey(0)'s init, each on a fresh seeded
   random batch."""
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   mesh = sharding.make_mesh((("data", num_devices),), jax.devices()[:num_devices])
-  abstract = train.abstract_train_state(nets, config, mesh)
-  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
-  step = train.make_train_step(nets, config, mesh, abstract)
+  abstract = state_lib.abstract_train_state(nets, config, mesh)
+  state = state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+  step = step_lib.make_train_step(nets, config, mesh, abstract)
   rng = np.random.default_rng(0)
   for _ in range(num_steps):
-    state, _ = step(state, train.to_global(_random_batch(config, nets, rng), config, nets, mesh))
+    state, _ = step(state, step_lib.to_global(_random_batch(config, nets, rng), config, nets, mesh))
   return state
 
 
 def one_step(config, num_devices: int):
   """(state after one train step, its metrics on the host, the abstract state) on a mesh of
   the first `num_devices` devices, from PRNGKey(0)'s init and a seeded random batch."""
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   mesh = sharding.make_mesh((("data", num_devices),), jax.devices()[:num_devices])
-  abstract = train.abstract_train_state(nets, config, mesh)
-  state = train.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+  abstract = state_lib.abstract_train_state(nets, config, mesh)
+  state = state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   r, d = nets.encoder_resolution, config.optim.d_steps
   local = {"image": rng.uniform(-1, 1, (d, config.batch_size, r, r, 3)).astype(np.float32),
            "label": rng.integers(0, 10, (d, config.batch_size)).astype(np.int32)}
-  state, metrics = train.make_train_step(nets, config, mesh, abstract)(
-      state, train.to_global(local, config, nets, mesh))
+  state, metrics = step_lib.make_train_step(nets, config, mesh, abstract)(
+      state, step_lib.to_global(local, config, nets, mesh))
   return state, jax.device_get(metrics), abstract

@@ -1,6 +1,6 @@
 """Analytic FLOP counts of G, D and E, and of one train step, from the architecture tables.
 
-What a reader can check against a compiled program (`bigbigan_jax.aot`) or a paper:
+What a reader can check against a compiled program (`bigbigan_jax.tools.aot`) or a paper:
 
   * A FLOP is one multiply or one add, so a multiply-accumulate is 2 FLOPs (what XLA's cost
     analysis and MFU figures use). Like XLA's cost analysis, a convolution counts only the
@@ -16,7 +16,7 @@ What a reader can check against a compiled program (`bigbigan_jax.aot`) or a pap
     only, since u and v carry no gradient) and the orthogonal regulariser on G (WᵀW of each
     (fan_in, out) kernel: 2·fan_in·out² forward). Every data-parallel replica repeats it.
 
-One train step (`train.train_step`), with f(·) a forward pass and backward = 2 x forward
+One train step (`step_lib.train_step`), with f(·) a forward pass and backward = 2 x forward
 (gradient w.r.t. the layer's input and w.r.t. its weights) unless said otherwise:
 
   d_steps x [ G f(B) + E f(B) + D f(2B) + D backward(2B) ]        = d_steps x [G + E + 3 D(2B)]
@@ -54,9 +54,9 @@ import math
 
 import ml_collections
 
-from bigbigan_jax import discriminator as discriminator_lib
-from bigbigan_jax import encoder as encoder_lib
-from bigbigan_jax import generator as generator_lib
+from bigbigan_jax.models import discriminator as discriminator_lib
+from bigbigan_jax.models import encoder as encoder_lib
+from bigbigan_jax.models import generator as generator_lib
 
 
 @dataclasses.dataclass
@@ -257,7 +257,7 @@ def _bottleneck(count: Count, size: int, cin: int, width: int, cout: int):
 
 
 def train_step(config: ml_collections.ConfigDict) -> dict:
-  """FLOPs of one `train.train_step` at the config's global batch (see the module doc).
+  """FLOPs of one `step_lib.train_step` at the config's global batch (see the module doc).
 
   Returns:
     {"generator_forward", "encoder_forward", "discriminator_forward": per-example forward

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from bigbigan_jax import config as config_lib
-from bigbigan_jax.discriminator import Discriminator
-from bigbigan_jax.discriminator import JointDiscriminator
-from bigbigan_jax.encoder import Encoder
-from bigbigan_jax.generator import Generator
+from bigbigan_jax.models.discriminator import Discriminator
+from bigbigan_jax.models.discriminator import JointDiscriminator
+from bigbigan_jax.models.encoder import Encoder
+from bigbigan_jax.models.generator import Generator
 
 # The networks' names: keys of the train state's params, model_state and optimisers.
 G, E, D = "generator", "encoder", "discriminator"

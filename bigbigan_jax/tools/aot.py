@@ -1,34 +1,33 @@
-r"""Compiles the trainer's real step for a Cloud TPU slice on any host, and says if it fits.
+"""Compiles the trainer's real step for a Cloud TPU slice on any host, and says if it fits.
 
-  python -m bigbigan_jax.aot --config=configs/bigbigan_resnet50.py --topology=v3-128
-  python -m bigbigan_jax.aot --config=configs/tiny.py --topology=v4-8 --json
-  python -m bigbigan_jax.aot --config=configs/biggan_128.py --topology=v4-64 \
+  python -m bigbigan_jax.tools.aot --config=configs/bigbigan_resnet50.py --topology=v3-128
+  python -m bigbigan_jax.tools.aot --config=configs/tiny.py --topology=v4-8 --json
+  python -m bigbigan_jax.tools.aot --config=configs/biggan_128.py --topology=v4-64 \
       --config.batch_size=1024 --config.model.remat=False
 
 No TPU is needed: libtpu (`pip install -e '.[tpu]'`) compiles for compile-only devices of
 the named topology, the way XLA would on the slice itself. The train state comes from
-`jax.eval_shape`, so nothing is allocated; the step is `train.make_train_step`'s, at the
+`jax.eval_shape`, so nothing is allocated; the step is `step_lib.make_train_step`'s, at the
 config's global batch, on a mesh over every device of the slice.
 
 Reported, per device unless said otherwise:
   * HBM: arguments, outputs, temporaries and the donated bytes that outputs reuse (aliased);
     total = arguments + outputs + temporaries - aliased, against the device's capacity.
   * FLOPs of one step from the compiled program (XLA's cost analysis is of the per-device
-    SPMD program) against `bigbigan_jax.flops`' analytic count of what one device should run:
+    SPMD program) against `bigbigan_jax.models.flops`' analytic count of what one device should run:
     its share of the batch's work (with remat's recompute when model.remat is on) plus the
     spectral-norm and orthogonal-regulariser work every replica repeats.
   * XLA's cost-model time for the step ("optimal_seconds") and the FLOP utilisation it
     implies against the chips' peak bf16 rate: model-FLOP utilisation counts the model's
     FLOPs once per slice (no recompute, no replicated work), hardware utilisation the
     compiled FLOPs. It is the compiler's estimate, not a measurement: use
-    `bigbigan_jax.benchmark` on the slice for that.
+    `bigbigan_jax.tools.benchmark` on the slice for that.
 Exits with status 1 when the step does not fit (XLA reports RESOURCE_EXHAUSTED, or the total
 exceeds the capacity) and names the config fields that reduce memory.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -36,196 +35,22 @@ import re
 import sys
 import time
 
-# Compile-only TPU devices need no TPU runtime; the CPU platform keeps jax from looking for
-# one, and libtpu's host-wide lock must not stop a second compile (or a test) beside it.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+from ml_collections import config_flags
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from bigbigan_jax import config as config_lib  # noqa: E402
-from bigbigan_jax import flops as flops_lib  # noqa: E402
-from bigbigan_jax import models  # noqa: E402
-from bigbigan_jax import sharding as sharding_lib  # noqa: E402
-from bigbigan_jax import train  # noqa: E402
-
-GiB = 2**30
+from bigbigan_jax import config as config_lib
+from bigbigan_jax import sharding as sharding_lib
+from bigbigan_jax.models import flops as flops_lib
+from bigbigan_jax.models import networks
+from bigbigan_jax.tools import tpu_slices
+from bigbigan_jax.training import state as state_lib
+from bigbigan_jax.training import step as step_lib
 
 
-# ---------------------------------------------------------------------------------------------
-# Cloud TPU slices.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-  """One TPU generation: how its Cloud names count, its JAX devices, and a chip's figures.
-
-  Attributes:
-    topology_prefix: the generation in libtpu's topology names ("v5e:4x4").
-    name_counts_cores: Cloud names count TensorCores (v2-v5p: "v3-8" is 4 chips), not chips
-      (v5e, v6e: "v6e-8" is 8 chips).
-    devices_per_chip: JAX devices per chip: v2 and v3 expose each of their 2 TensorCores; v4
-      and v5p run their 2 as one "megacore" device; v5e and v6e have one TensorCore.
-    mesh_dims: 2 (2D torus) or 3 (3D torus/mesh) chip coordinates.
-    chip_config: libtpu's chip configuration ("megacore" fuses a chip's two cores).
-    hbm_gib: HBM per chip (GiB).
-    peak_tflops: peak bf16 dense TFLOP/s per chip.
-  """
-
-  topology_prefix: str
-  name_counts_cores: bool
-  devices_per_chip: int
-  mesh_dims: int
-  chip_config: str
-  hbm_gib: float
-  peak_tflops: float
-
-
-# Per-chip figures from cloud.google.com/tpu/docs/{v3,v4,v5e,v5p,v6e} ("Peak compute per
-# chip", "HBM capacity"); v2 (not in its page's table) from the TPU v2/v3 paper, Jouppi et al.,
-# "A Domain-Specific Supercomputer for Training Deep Neural Networks" (CACM 2020):
-# 16 GiB and 45 TFLOP/s per chip. Device counts checked against libtpu's compile-only
-# topologies (see `slice_devices`).
-GENERATIONS = {
-    "v2": Generation("v2", True, 2, 2, "default", 16, 45),
-    "v3": Generation("v3", True, 2, 2, "default", 32, 123),
-    "v4": Generation("v4", True, 1, 3, "megacore", 32, 275),
-    "v5p": Generation("v5p", True, 1, 3, "megacore", 95, 459),
-    "v5e": Generation("v5e", False, 1, 2, "default", 16, 197),
-    "v6e": Generation("v6e", False, 1, 2, "default", 32, 918),
-}
-ALIASES = {"v5litepod": "v5e"}  # Cloud's accelerator type for v5e.
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuSlice:
-  """A slice to compile for, as libtpu names it, with per-device capacity and peak."""
-
-  name: str  # As given, e.g. "v3-128".
-  generation: str  # Key of GENERATIONS.
-  shape: tuple  # Chips along each torus axis.
-  devices_per_chip: int
-  chip_config: str
-  hbm_bytes_per_device: float
-  peak_flops_per_device: float
-
-  @property
-  def chips(self) -> int:
-    return math.prod(self.shape)
-
-  @property
-  def num_devices(self) -> int:
-    return self.chips * self.devices_per_chip
-
-  @property
-  def topology(self) -> str:
-    """libtpu's topology name, e.g. "v4:2x4x4"."""
-    prefix = GENERATIONS[self.generation].topology_prefix
-    return f"{prefix}:{'x'.join(str(d) for d in self.shape)}"
-
-
-def _chip_shape(chips: int, dims: int) -> tuple:
-  """The slice shape Cloud TPU gives a power-of-two chip count: each doubling doubles the
-  last of the smallest axes (v4: 4 → 2x2x1, 8 → 2x2x2, 32 → 2x4x4, 64 → 4x4x4; 2D:
-  64 → 8x8, 128 → 8x16)."""
-  shape = [1] * dims
-  if dims == 3:  # The smallest 3D slice is one host's 2x2x1 chips.
-    shape, chips = [2, 2, 1], chips // 4
-  while chips > 1:
-    smallest = min(shape)
-    axis = max(i for i, s in enumerate(shape) if s == smallest)
-    shape[axis] *= 2
-    chips //= 2
-  return tuple(shape)
-
-
-def _usage(message: str):
-  names = ("v2-8 .. v2-512, v3-8 .. v3-2048, v4-8 .. v4-4096, v5p-8 ..., v5litepod-N or "
-           "v5e-N (N = 1, 4, 8, .., 256), v6e-N; or a libtpu topology such as v4:2x4x4")
-  raise ValueError(f"{message}. Known slices: {names}")
-
-
-def parse_slice(name: str) -> TpuSlice:
-  """Maps a Cloud TPU accelerator type ("v3-128", "v5litepod-16") or a libtpu topology
-  ("v4:2x4x4") to the slice to compile for.
-
-  Raises:
-    ValueError: an unknown generation, or a size that is not a Cloud slice of it.
-  """
-  m = re.fullmatch(r"(v\d[a-z]*)(?::(\d+(?:x\d+)*)|-(\d+))", name.strip().lower())
-  if not m:
-    _usage(f"--topology={name!r} is neither a Cloud TPU type like v3-128 nor a topology like "
-           "v4:2x4x4")
-  gen_name = ALIASES.get(m.group(1), m.group(1))
-  if gen_name == "v5" and m.group(2):
-    gen_name = "v5p"  # libtpu spells v5p topologies "v5:2x2x1" too.
-  if gen_name not in GENERATIONS:
-    _usage(f"--topology={name!r}: unknown TPU generation {m.group(1)!r}")
-  gen = GENERATIONS[gen_name]
-  if m.group(2):
-    shape = tuple(int(d) for d in m.group(2).split("x"))
-    if len(shape) != gen.mesh_dims:
-      _usage(f"--topology={name!r}: {gen_name} slices have {gen.mesh_dims} axes")
-  else:
-    n = int(m.group(3))
-    chips = n // 2 if gen.name_counts_cores else n
-    smallest = 4 if gen.mesh_dims == 3 or gen.name_counts_cores else 1
-    if (gen.name_counts_cores and n % 2) or chips < smallest or chips & (chips - 1):
-      counted = "TensorCores (2 per chip)" if gen.name_counts_cores else "chips"
-      _usage(f"--topology={name!r}: {m.group(1)}-N counts {counted}; this tool knows the "
-             f"power-of-two slices of at least {smallest} chips (give other shapes as a "
-             "topology, e.g. v4:4x4x12)")
-    shape = _chip_shape(chips, gen.mesh_dims)
-  return TpuSlice(
-      name=name, generation=gen_name, shape=shape, devices_per_chip=gen.devices_per_chip,
-      chip_config=gen.chip_config,
-      hbm_bytes_per_device=gen.hbm_gib * GiB / gen.devices_per_chip,
-      peak_flops_per_device=gen.peak_tflops * 1e12 / gen.devices_per_chip)
-
-
-def slice_devices(tpu: TpuSlice) -> list:
-  """libtpu's compile-only devices of the slice; checks their count against the table.
-
-  libtpu's own default for v4 is one JAX device per TensorCore (v4:2x2x2 gives 16 devices of
-  one core each); Cloud TPU v4 VMs run each chip's two cores as one megacore device, which is
-  what `chip_config_name="megacore"` gives (8 devices of 2 cores). v5p defaults to megacore;
-  v2/v3 have one device per core, v5e/v6e one core per chip.
-  """
-  if "tpu" not in os.environ.get("JAX_PLATFORMS", "").lower():
-    # No TPU runtime here. Give libtpu what it would look up in a TPU VM's metadata server
-    # (it logs errors about not finding it otherwise); compile-only devices do not use it.
-    gen = GENERATIONS[tpu.generation]
-    cloud = "v5litepod" if tpu.generation == "v5e" else tpu.generation
-    count = tpu.chips * (2 if gen.name_counts_cores else 1)
-    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", f"{cloud}-{count}"),
-                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
-      os.environ.setdefault(key, value)
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  host = tuple(min(2, d) for d in tpu.shape[:2]) + (1,)  # 2x2x1 chips per host (or fewer).
-  kwargs = dict(chip_config_name=tpu.chip_config, chips_per_host_bounds=host)
-  if len(tpu.shape) == 3 and all(d % 4 == 0 for d in tpu.shape):
-    kwargs["wrap"] = (True, True, True)  # v4/v5p slices of whole 4x4x4 cubes are tori.
-  devices = topologies.get_topology_desc(topology_name=tpu.topology, platform="tpu",
-                                         **kwargs).devices
-  if len(devices) != tpu.num_devices:
-    raise RuntimeError(f"libtpu gives {len(devices)} devices for {tpu.topology}, the table "
-                       f"expects {tpu.num_devices} ({tpu.chips} chips x "
-                       f"{tpu.devices_per_chip}); fix GENERATIONS in {__file__}")
-  return list(devices)
-
-
-# ---------------------------------------------------------------------------------------------
-# The compile and the report.
-# ---------------------------------------------------------------------------------------------
-
-
-def memory_advice(config: ml_collections.ConfigDict, tpu: TpuSlice) -> list[str]:
+def memory_advice(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice) -> list[str]:
   """The config fields (and slice sizes) that lower per-device memory, cheapest first."""
   tips = []
   if config.model.dtype != "bfloat16":
@@ -239,7 +64,7 @@ def memory_advice(config: ml_collections.ConfigDict, tpu: TpuSlice) -> list[str]
                 "devices instead of replicating them")
   per_device = config.batch_size // tpu.num_devices
   if per_device > 1:
-    gen = GENERATIONS[tpu.generation]
+    gen = tpu_slices.GENERATIONS[tpu.generation]
     bigger = tpu.chips * 2 * (2 if gen.name_counts_cores else 1)
     tips.append(f"a smaller per-device batch (now {per_device}): --config.batch_size="
                 f"{config.batch_size // 2}, or keep the global batch on a slice twice as "
@@ -271,7 +96,7 @@ def per_device_bytes(tree) -> int:
   return total
 
 
-def compile_report(config: ml_collections.ConfigDict, tpu: TpuSlice,
+def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
                    capacity_bytes: float | None = None) -> dict:
   """Compiles the train step of `config` for `tpu` and measures it.
 
@@ -289,16 +114,16 @@ def compile_report(config: ml_collections.ConfigDict, tpu: TpuSlice,
   model = ml_collections.ConfigDict(config.model.to_dict())
   if model.conv_weight_grad == "auto":  # "auto" would see this host's CPU, not the TPU.
     model.conv_weight_grad = "xla"
-  nets = models.build(model)
-  devices = slice_devices(tpu)
+  nets = networks.build(model)
+  devices = tpu_slices.slice_devices(tpu)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   sharding_lib.check_batch_divisible(config.batch_size, mesh)
   capacity = tpu.hbm_bytes_per_device if capacity_bytes is None else capacity_bytes
 
   t0 = time.perf_counter()
-  abstract = train.abstract_train_state(nets, config, mesh)
-  batch = train.batch_spec(config, nets, mesh)
-  step = train.make_train_step(nets, config, mesh, abstract)
+  abstract = state_lib.abstract_train_state(nets, config, mesh)
+  batch = step_lib.batch_spec(config, nets, mesh)
+  step = step_lib.make_train_step(nets, config, mesh, abstract)
   lowered = step.lower(abstract, batch)
   lower_s = time.perf_counter() - t0
   argument_bytes = per_device_bytes((abstract, batch))
@@ -318,7 +143,7 @@ def compile_report(config: ml_collections.ConfigDict, tpu: TpuSlice,
     # The state and batch alone overflow: say so now rather than after minutes of compiling.
     report.update(compile_seconds=0.0, memory=None, flops=None, cost_model=None, fits=False,
                   error={"message": f"the train state and batch alone take "
-                                    f"{argument_bytes / GiB:.3g} GiB per device",
+                                    f"{argument_bytes / tpu_slices.GiB:.3g} GiB per device",
                          "used_bytes": argument_bytes, "limit_bytes": capacity},
                   advice=memory_advice(config, tpu))
     return report
@@ -387,11 +212,6 @@ def compile_report(config: ml_collections.ConfigDict, tpu: TpuSlice,
   return report
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------------------------
-
-
 FLAGS = flags.FLAGS
 
 
@@ -410,7 +230,7 @@ def define_flags():
 
 
 def _gib(x) -> str:
-  return f"{x / GiB:.2f} GiB"
+  return f"{x / tpu_slices.GiB:.2f} GiB"
 
 
 def format_report(report: dict, config_name: str) -> str:
@@ -476,13 +296,13 @@ def main(argv):
     raise app.UsageError("--config and --topology are required, e.g. "
                          "--config=configs/bigbigan_resnet50.py --topology=v3-128")
   try:
-    tpu = parse_slice(FLAGS.topology)
+    tpu = tpu_slices.parse_slice(FLAGS.topology)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   # The report must describe the program the trainer runs: fully optimised, freshly compiled.
   jax.config.update("jax_disable_most_optimizations", False)
   jax.config.update("jax_enable_compilation_cache", False)
-  capacity = None if FLAGS.hbm_gib is None else FLAGS.hbm_gib * GiB
+  capacity = None if FLAGS.hbm_gib is None else FLAGS.hbm_gib * tpu_slices.GiB
   report = compile_report(FLAGS.config, tpu, capacity)
   if FLAGS.json:
     print(json.dumps(report))
@@ -496,6 +316,17 @@ def main(argv):
     sys.exit(1)
 
 
+def use_compile_only_environment():
+  """Set when run as a program (importing this module changes nothing): compile-only TPU
+  devices need no TPU runtime, so the CPU platform keeps jax from looking for one, and
+  libtpu's host-wide lock must not stop a second compile (or a test) beside this one."""
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")
+
+
 if __name__ == "__main__":
+  use_compile_only_environment()
   define_flags()
   app.run(main)

@@ -160,7 +160,8 @@ def train_judge(images: np.ndarray, labels: np.ndarray, num_classes: int, *,
 def classifier_score(probs: np.ndarray) -> float:
   """exp(mean_x KL(p(y|x) || p(y))) over all rows (one split): the Inception Score's formula
   with the judge's probabilities."""
-  from bigbigan_jax import metrics  # pylint: disable=g-import-not-at-top  (scipy, eval only)
+  from bigbigan_jax.evaluation import \
+      metrics  # pylint: disable=g-import-not-at-top  (scipy, eval only)
   return metrics.inception_score(probs, splits=1, from_logits=False)[0]
 
 

@@ -1,4 +1,4 @@
-"""The FID Inception-v3 network in flax.linen, and its weight converter.
+"""The FID Inception-v3 network in flax.linen.
 
 This is the network behind the standard FID: TensorFlow's `inception-2015-12-05` graph
 (the one TTUR's `fid.py` and OpenAI's Inception Score code load), as ported to PyTorch by
@@ -30,19 +30,7 @@ Outputs: `(pool3, logits)`.
   over all 1008 classes, as that code does. Set `logits_bias=True` for the graph's own
   `softmax/logits` tensor (TF-GAN style).
 
-Weights. Nothing here downloads anything. Get pytorch-fid's public port of the TF weights,
-
-  https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-
-on a machine with network access, then convert it once (needs torch installed there; torch
-is not a dependency of this package):
-
-  python -m bigbigan_jax.inception \\
-      --convert_from=pt_inception-2015-12-05-6726825d.pth --out=inception_fid.npz
-
-`--convert_from` also takes an .npz holding the same state-dict keys, so a machine without
-torch can finish the conversion. `load_inception("inception_fid.npz")` then returns the module
-and its variables.
+Weights: `inception_weights.load_inception` (and how to get them, there).
 
 Numerics: convs and the classifier run at `Precision.HIGHEST` by default, because TPUs would
 otherwise evaluate float32 convolutions in one bfloat16 pass and move the features away from
@@ -51,9 +39,7 @@ the reference network's.
 
 from __future__ import annotations
 
-import argparse
-import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -61,20 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 
 INPUT_SIZE = 299
+
 NUM_CLASSES = 1008
+
 POOL3_DIM = 2048
+
 BN_EPS = 1e-3
-WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth")
-
-_HOW_TO_GET = (
-    "Produce it from pytorch-fid's public weights (" + WEIGHTS_URL + ") with: python -m "
-    "bigbigan_jax.inception --convert_from=pt_inception-2015-12-05-6726825d.pth "
-    "--out=inception_fid.npz")
-
-# Separator of the flattened variable names in the .npz file ("params/Mixed_5b/...").
-_SEP = "/"
 
 PrecisionLike = Any
 
@@ -347,8 +325,19 @@ class FIDInceptionV3(nn.Module):
     return pool3, logits
 
 
-# --------------------------------------------------------------------------------------
-# Variables: shapes, flat names, loading.
+# Separator of the flattened variable names in the .npz file ("params/Mixed_5b/...").
+NAME_SEP = "/"
+
+
+def flatten_variables(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{NAME_SEP}{key}" if prefix else str(key)
+    if isinstance(value, Mapping):
+      out.update(flatten_variables(value, name))
+    else:
+      out[name] = value
+  return out
 
 
 def variable_shapes(module: FIDInceptionV3 | None = None) -> dict[str, tuple[int, ...]]:
@@ -363,82 +352,7 @@ def variable_shapes(module: FIDInceptionV3 | None = None) -> dict[str, tuple[int
   module = module or FIDInceptionV3()
   abstract = jax.eval_shape(module.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
-  return {name: tuple(leaf.shape) for name, leaf in _flatten(abstract).items()}
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{_SEP}{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, name))
-    else:
-      out[name] = value
-  return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split(_SEP)
-    node = tree
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return tree
-
-
-def _check_names_and_shapes(flat: Mapping[str, np.ndarray], expected: Mapping[str, tuple],
-                            source: str) -> None:
-  """Raises a ValueError listing what is missing, unexpected or misshapen in `flat`."""
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  misshapen = sorted(f"{k}: {tuple(np.shape(flat[k]))} != expected {expected[k]}"
-                     for k in set(flat) & set(expected)
-                     if tuple(np.shape(flat[k])) != tuple(expected[k]))
-  if missing or unexpected or misshapen:
-    def show(items):
-      return ", ".join(items[:5]) + (f" ... ({len(items)} in all)" if len(items) > 5 else "")
-    problems = []
-    if missing:
-      problems.append(f"missing {show(missing)}")
-    if unexpected:
-      problems.append(f"unexpected {show(unexpected)}")
-    if misshapen:
-      problems.append(f"wrong shapes {show(misshapen)}")
-    raise ValueError(f"{source} does not hold the FID Inception weights: "
-                     + "; ".join(problems) + ". " + _HOW_TO_GET)
-
-
-def load_inception(path: str | os.PathLike, *, logits_bias: bool = False,
-                   precision: PrecisionLike = jax.lax.Precision.HIGHEST,
-                   ) -> tuple[FIDInceptionV3, dict[str, Any]]:
-  """Loads converted FID Inception weights from a local .npz file.
-
-  Args:
-    path: the .npz written by `python -m bigbigan_jax.inception --convert_from=...`.
-    logits_bias: see `FIDInceptionV3.logits_bias`.
-    precision: see `FIDInceptionV3.precision`.
-
-  Returns:
-    (module, variables), for `module.apply(variables, images)` → (pool3, logits).
-    The variables are float32 numpy arrays; `make_inception_fn` puts them on devices.
-
-  Raises:
-    FileNotFoundError: `path` does not exist.
-    ValueError: the file is not an .npz of exactly the expected variables and shapes.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"FID Inception weights not found at {path!r}. {_HOW_TO_GET}")
-  try:
-    with np.load(path, allow_pickle=False) as data:
-      flat = {name: np.asarray(data[name], np.float32) for name in data.files}
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path!r} is not a readable .npz file ({e}). {_HOW_TO_GET}") from e
-  module = FIDInceptionV3(logits_bias=logits_bias, precision=precision)
-  _check_names_and_shapes(flat, variable_shapes(module), repr(path))
-  return module, _unflatten(flat)
+  return {name: tuple(leaf.shape) for name, leaf in flatten_variables(abstract).items()}
 
 
 def make_inception_fn(module: FIDInceptionV3, variables: Mapping[str, Any],
@@ -483,132 +397,3 @@ def make_inception_fn(module: FIDInceptionV3, variables: Mapping[str, Any],
     return (pool3[:n], logits[:n]) if pad else (pool3, logits)
 
   return sharded_inception_fn
-
-
-# --------------------------------------------------------------------------------------
-# Converting pytorch-fid's state dict.
-
-# pytorch-fid's BasicConv2d and Linear parameter names → (collection, flax leaf name).
-_TORCH_LEAVES = {
-    ("conv", "weight"): ("params", "kernel"),
-    ("bn", "weight"): ("params", "scale"),
-    ("bn", "bias"): ("params", "bias"),
-    ("bn", "running_mean"): ("batch_stats", "mean"),
-    ("bn", "running_var"): ("batch_stats", "var"),
-}
-
-
-def torch_key_to_flax(key: str) -> str | None:
-  """Maps one pytorch-fid state-dict key to the flat flax variable name.
-
-  Args:
-    key: e.g. "Mixed_5b.branch1x1.conv.weight", "fc.bias".
-
-  Returns:
-    e.g. "params/Mixed_5b/branch1x1/conv/kernel"; None for keys that carry no weights
-    (BatchNorm's `num_batches_tracked`).
-
-  Raises:
-    ValueError: a key of no known form.
-  """
-  parts = key.split(".")
-  if parts[-1] == "num_batches_tracked":
-    return None
-  if parts[0] == "fc" and len(parts) == 2 and parts[1] in ("weight", "bias"):
-    return _SEP.join(["params", "fc", "kernel" if parts[1] == "weight" else "bias"])
-  if len(parts) >= 3 and tuple(parts[-2:]) in _TORCH_LEAVES:
-    collection, leaf = _TORCH_LEAVES[tuple(parts[-2:])]
-    return _SEP.join([collection, *parts[:-1], leaf])
-  raise ValueError(f"unknown state-dict key {key!r}: not a pytorch-fid FID Inception weight")
-
-
-def convert_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Converts pytorch-fid's FID Inception state dict to flat flax variables.
-
-  Conv kernels go from torch's OIHW to flax's HWIO, the classifier from (out, in) to
-  (in, out); everything else is copied. The result is checked against the network.
-
-  Args:
-    state_dict: key → array (numpy arrays, or anything `np.asarray` takes, e.g. CPU torch
-      tensors).
-
-  Returns:
-    flat flax name → float32 numpy array, ready for `np.savez`.
-
-  Raises:
-    ValueError: a key is unknown, missing or of the wrong shape.
-  """
-  flat = {}
-  for key, value in state_dict.items():
-    name = torch_key_to_flax(key)
-    if name is None:
-      continue
-    array = np.asarray(value, dtype=np.float32)
-    if name.endswith("/conv/kernel"):
-      if array.ndim != 4:
-        raise ValueError(f"{key}: expected a 4-D OIHW conv weight, got shape {array.shape}")
-      array = array.transpose(2, 3, 1, 0)
-    elif name == _SEP.join(["params", "fc", "kernel"]):
-      if array.ndim != 2:
-        raise ValueError(f"{key}: expected a 2-D (out, in) weight, got shape {array.shape}")
-      array = array.T
-    flat[name] = np.ascontiguousarray(array)
-  _check_names_and_shapes(flat, variable_shapes(), "the state dict")
-  return flat
-
-
-def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a state dict from a torch .pth (needs torch) or an .npz of the same keys."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path!r} does not exist. Download it from {WEIGHTS_URL}")
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as data:
-      return {k: data[k] for k in data.files}
-  try:
-    import torch  # pylint: disable=g-import-not-at-top  (only the converter needs it)
-  except ImportError as e:
-    raise ImportError(
-        "Reading a .pth file needs torch (pip install torch), which bigbigan_jax does not "
-        "depend on. Alternatively save the state dict as .npz where torch is available: "
-        "np.savez('sd.npz', **{k: v.numpy() for k, v in torch.load(PTH).items()})") from e
-  try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  except TypeError:  # torch < 1.13 has no weights_only.
-    state_dict = torch.load(path, map_location="cpu")
-  return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
-
-
-def convert_file(src: str | os.PathLike, out: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Converts pytorch-fid's weight file to the .npz `load_inception` reads.
-
-  Args:
-    src: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, or an .npz of its state dict.
-    out: where to write the flax .npz.
-
-  Returns:
-    The converted flat variables (as written).
-  """
-  flat = convert_state_dict(_read_state_dict(os.fspath(src)))
-  out = os.fspath(out)
-  tmp = out + ".tmp.npz"
-  np.savez(tmp, **flat)
-  os.replace(tmp, out)  # A half-written file never carries the final name.
-  return flat
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """Command line: convert pytorch-fid's weights to this package's .npz."""
-  parser = argparse.ArgumentParser(
-      prog="python -m bigbigan_jax.inception",
-      description="Convert pytorch-fid's FID Inception weights for bigbigan_jax.")
-  parser.add_argument("--convert_from", required=True,
-                      help="pt_inception-2015-12-05-6726825d.pth (or an .npz of its state dict)")
-  parser.add_argument("--out", required=True, help="the .npz to write, e.g. inception_fid.npz")
-  args = parser.parse_args(argv)
-  flat = convert_file(args.convert_from, args.out)
-  n = sum(v.size for k, v in flat.items() if k.startswith("params"))
-  print(f"Wrote {args.out}: {len(flat)} arrays, {n:,} parameters.")
-
-
-if __name__ == "__main__":
-  main()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigbigan_jax import layers
+from bigbigan_jax.models import layers
 
 # Output channel multipliers of `ch` and whether each block ends with a 2x2 average pool.
 D_ARCH = {

@@ -1,8 +1,8 @@
 r"""Measures the real train step of a config on this machine: compile time, step time,
 images/s and peak host memory. Synthetic inputs, so no dataset is read.
 
-  python -m bigbigan_jax.benchmark --config=configs/digits.py
-  python -m bigbigan_jax.benchmark --config=configs/tiny.py --steps=20 --json
+  python -m bigbigan_jax.tools.benchmark --config=configs/digits.py
+  python -m bigbigan_jax.tools.benchmark --config=configs/tiny.py --steps=20 --json
 
 Step times are the median of `--steps` timed steps after `--warmup` untimed ones; "images/s"
 counts the real images D sees (batch_size x d_steps per step).
@@ -22,13 +22,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bigbigan_jax import config as config_lib  # noqa: E402
-from bigbigan_jax import models  # noqa: E402
 from bigbigan_jax import sharding as sharding_lib  # noqa: E402
-from bigbigan_jax import train  # noqa: E402
+from bigbigan_jax.models import networks  # noqa: E402
+from bigbigan_jax.training import state as state_lib  # noqa: E402
+from bigbigan_jax.training import step as step_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -50,17 +51,17 @@ def peak_host_memory_mb() -> float:
 def run(config, steps: int = 10, warmup: int = 2) -> dict:
   """Compiles and times the train step of `config` on the local devices."""
   config_lib.validate(config)
-  nets = models.build(config.model)
+  nets = networks.build(config.model)
   mesh = sharding_lib.make_mesh(config.mesh)
   sharding_lib.check_batch_divisible(config.batch_size, mesh)
-  abstract_state = train.abstract_train_state(nets, config, mesh)
+  abstract_state = state_lib.abstract_train_state(nets, config, mesh)
 
   t0 = time.perf_counter()
-  state = train.make_init_fn(nets, config, abstract_state)(jax.random.PRNGKey(0))
+  state = state_lib.make_init_fn(nets, config, abstract_state)(jax.random.PRNGKey(0))
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
 
-  spec = train.batch_spec(config, nets, mesh)
+  spec = step_lib.batch_spec(config, nets, mesh)
   rng = np.random.default_rng(0)
   local = jax.process_count()
   batch = {
@@ -69,9 +70,9 @@ def run(config, steps: int = 10, warmup: int = 2) -> dict:
       "label": rng.integers(0, max(nets.num_classes, 1),
                             (spec["label"].shape[0], spec["label"].shape[1] // local),
                             dtype=np.int32)}
-  batch = train.to_global(batch, config, nets, mesh)
+  batch = step_lib.to_global(batch, config, nets, mesh)
 
-  step_fn = train.make_train_step(nets, config, mesh, abstract_state)
+  step_fn = step_lib.make_train_step(nets, config, mesh, abstract_state)
   t0 = time.perf_counter()
   compiled = step_fn.lower(abstract_state, spec).compile()
   compile_s = time.perf_counter() - t0

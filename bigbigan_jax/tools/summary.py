@@ -3,8 +3,8 @@ r"""Prints each network's trainable parameter count and input/output shapes for 
 Everything goes through `jax.eval_shape`, so nothing is compiled or allocated: the full
 ImageNet models take seconds on a laptop.
 
-  python -m bigbigan_jax.summary --config=configs/biggan_128.py
-  python -m bigbigan_jax.summary --config=configs/bigbigan_resnet50.py --json
+  python -m bigbigan_jax.tools.summary --config=configs/biggan_128.py
+  python -m bigbigan_jax.tools.summary --config=configs/bigbigan_resnet50.py --json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from bigbigan_jax import models  # noqa: E402
+from bigbigan_jax.models import networks  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -33,6 +33,7 @@ def define_flags():
       "json", False, 'Print only {"generator": N, "encoder": N, "discriminator": N} '
       "(trainable parameters; null for a network the config does not have).")
 
+
 NETWORKS = ("generator", "encoder", "discriminator")
 
 
@@ -43,7 +44,7 @@ def summarize(model_config, batch: int = 2) -> dict:
     {name: {"params": int, "state": {collection: int}, "inputs": [shapes],
     "outputs": shape or {key: shape}}} for each network the config has.
   """
-  nets = models.build(model_config)
+  nets = networks.build(model_config)
   variables = jax.eval_shape(lambda key: nets.init(key, batch), jax.random.PRNGKey(0))
   inputs = nets.example_inputs(batch)
   out = {}
@@ -53,8 +54,8 @@ def summarize(model_config, batch: int = 2) -> dict:
                                           rngs={"noise": jax.random.PRNGKey(0)}),
         variables[name], inputs[name])
     out[name] = {
-        "params": models.count_params(variables[name]),
-        "state": {c: models.count_params(v) for c, v in variables[name].items()
+        "params": networks.count_params(variables[name]),
+        "state": {c: networks.count_params(v) for c, v in variables[name].items()
                   if c != "params"},
         "inputs": [None if a is None else tuple(a.shape) for a in inputs[name]],
         "outputs": jax.tree_util.tree_map(lambda s: tuple(s.shape), outputs),

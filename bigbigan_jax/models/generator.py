@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bigbigan_jax import config as config_lib
-from bigbigan_jax import layers
+from bigbigan_jax.models import layers
 
 # Channel multipliers of `ch`, input and output of each up-sampling residual block.
 G_ARCH = {

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigbigan_jax import layers
+from bigbigan_jax.models import layers
 
 STAGE_UNITS = {50: (3, 4, 6, 3), 26: (2, 2, 2, 2), 14: (1, 1, 1, 1)}
 STAGE_STRIDES = (1, 2, 2, 2)

@@ -1,9 +1,9 @@
 r"""Writes PNG grids from a training workdir's checkpoint: samples, interpolations, reconstructions.
 
-  python -m bigbigan_jax.sample --workdir=/tmp/digits --num=64 --truncation=0.5 --out=grid.png
-  python -m bigbigan_jax.sample --workdir=/tmp/digits --interpolate=8 --num=6
-  python -m bigbigan_jax.sample --workdir=/tmp/digits --reconstruct=a.png,photos/
-  python -m bigbigan_jax.sample --workdir=/tmp/biggan --labels=3,7 --standing_stats=100
+  python -m bigbigan_jax.tools.sample --workdir=/tmp/digits --num=64 --truncation=0.5 --out=grid.png
+  python -m bigbigan_jax.tools.sample --workdir=/tmp/digits --interpolate=8 --num=6
+  python -m bigbigan_jax.tools.sample --workdir=/tmp/digits --reconstruct=a.png,photos/
+  python -m bigbigan_jax.tools.sample --workdir=/tmp/biggan --labels=3,7 --standing_stats=100
 
 Samples use G's EMA weights (--use_ema=false: the trained ones) and the checkpoint's running
 batch-norm statistics, or with --standing_stats=N statistics re-estimated from N batches of
@@ -111,9 +111,9 @@ def run(workdir: str, *, out: str | None = None, step: int | None = None, num: i
     FileNotFoundError: no checkpoint in the workdir, or a missing image file.
     ValueError: any other bad argument; the message names the fix.
   """
-  from bigbigan_jax import images as images_lib  # pylint: disable=g-import-not-at-top
   from bigbigan_jax import inference  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax import models  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.models import networks  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.reporting import images as images_lib  # pylint: disable=g-import-not-at-top
 
   if interpolate and reconstruct:
     raise ValueError("--interpolate and --reconstruct write different grids: give one of them")
@@ -146,7 +146,7 @@ def run(workdir: str, *, out: str | None = None, step: int | None = None, num: i
 
   if reconstruct:
     recon = model.reconstruct(reals, use_sample=not use_mean, seed=seed)
-    pooled = np.asarray(models.pool_for_discriminator(reals, model.resolution))
+    pooled = np.asarray(networks.pool_for_discriminator(reals, model.resolution))
     cols = 2 * _grid_cols(len(reals) / 2)
     grid = images_lib.grid(images_lib.interleave(pooled, recon), cols)
   elif interpolate:
@@ -166,9 +166,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Deferred so that TensorFlow (used for file access) sees no accelerator.
-  from bigbigan_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax import metric_writer  # pylint: disable=g-import-not-at-top
-  input_pipeline.hide_accelerators_from_tf()
+  from bigbigan_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.reporting import metric_writer  # pylint: disable=g-import-not-at-top
+  pipeline.hide_accelerators_from_tf()
   metric_writer.quiet_library_logs()
   try:
     path = run(FLAGS.workdir, out=FLAGS.out, step=FLAGS.step, num=FLAGS.num,

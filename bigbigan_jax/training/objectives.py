@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bigbigan_jax import losses
-from bigbigan_jax import models
-from bigbigan_jax.models import D
-from bigbigan_jax.models import E
-from bigbigan_jax.models import G
+from bigbigan_jax.models import networks
+from bigbigan_jax.models.networks import D
+from bigbigan_jax.models.networks import E
+from bigbigan_jax.models.networks import G
+from bigbigan_jax.training import losses
 
 # (x, c) → D's scores in eval mode, with D's weights bound: what the E/G loss sees.
 Score = Callable[[jax.Array, jax.Array], object]
@@ -54,7 +54,7 @@ def _accuracy(real: jax.Array, fake: jax.Array) -> jax.Array:
 class BigBiGAN:
   """The BiGAN game on (x, z) pairs, with BigBiGAN's unary scores."""
 
-  nets: models.Networks
+  nets: networks.Networks
   unary_x: bool = True
   unary_z: bool = True
   reduction: str = "mean"
@@ -68,7 +68,7 @@ class BigBiGAN:
   def real_pairs(self, params, model_state, images, labels, key) -> RealPairs:
     """(pooled x, a sample of E(x)), E in training mode (the global batch's statistics)."""
     del labels  # Unconditional: the labels are for the evaluators only.
-    x = models.pool_for_discriminator(images, self.nets.resolution)
+    x = networks.pool_for_discriminator(images, self.nets.resolution)
     enc, e_state = self.nets.encoder.apply(
         {"params": params[E], **model_state[E]}, images, train=True, rngs={"noise": key},
         mutable=["batch_stats"])
@@ -100,7 +100,7 @@ class BigBiGAN:
 class BigGAN:
   """Class-conditional BigGAN: the hinge on (image, label) pairs."""
 
-  nets: models.Networks
+  nets: networks.Networks
 
   eg_networks = (G,)
   console_keys = ("d_loss", "eg_loss", "d_accuracy", "g_loss")
@@ -109,7 +109,7 @@ class BigGAN:
 
   def real_pairs(self, params, model_state, images, labels, key) -> RealPairs:
     del params, model_state, key
-    return RealPairs(models.pool_for_discriminator(images, self.nets.resolution), labels, {},
+    return RealPairs(networks.pool_for_discriminator(images, self.nets.resolution), labels, {},
                      {})
 
   def fake_condition(self, z, labels):
@@ -131,7 +131,7 @@ class BigGAN:
 Objective = BigBiGAN | BigGAN
 
 
-def build(nets: models.Networks, loss: ml_collections.ConfigDict) -> Objective:
+def build(nets: networks.Networks, loss: ml_collections.ConfigDict) -> Objective:
   """The objective of the networks' model kind, with `config.loss`'s switches."""
   if nets.encoder is not None:
     return BigBiGAN(nets, unary_x=loss.unary_x, unary_z=loss.unary_z,

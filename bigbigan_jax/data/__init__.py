@@ -1,0 +1,1 @@
+"""Input: data sources, preprocessing and the per-host input streams."""

@@ -1,0 +1,1 @@
+"""Evaluation: the linear probe, the judge classifier, FID and Inception Score."""

@@ -1,0 +1,1 @@
+"""The networks: G, E, the discriminators, their layers, and building them from a config."""

@@ -1,0 +1,1 @@
+"""What a run writes besides checkpoints: TensorBoard scalars, image grids, curves."""

@@ -1,0 +1,1 @@
+"""Command-line tools beside the trainer: sampling, summaries, benchmarks, AOT compiles."""

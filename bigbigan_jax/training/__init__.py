@@ -1,0 +1,1 @@
+"""Training: the train state, the objectives, the step, the loop, checkpoints and faults."""

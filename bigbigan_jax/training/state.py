@@ -1,0 +1,96 @@
+"""The train state: what a run carries from step to step, its optimisers, and creating it
+sharded.
+
+`init_train_state` is pure; `abstract_train_state` gives its shapes with the target shardings
+(no allocation), which the trainer, the checkpoint restore, `tools.aot` and `tools.benchmark`
+all start from.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bigbigan_jax import sharding as sharding_lib
+from bigbigan_jax.models import networks
+from bigbigan_jax.models.networks import D
+from bigbigan_jax.models.networks import E
+from bigbigan_jax.models.networks import G
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a training run carries from step to step.
+
+  Attributes:
+    step: completed iterations.
+    params: {"generator", "discriminator"[, "encoder"]} trainable weights.
+    model_state: per network, its non-trained collections ("spectral", "batch_stats").
+    ema_params: exponential moving average of G's params (what samples and evals use).
+    opt_d: Adam state of D.
+    opt_ge: Adam state of G and E (one optimiser, a learning rate per network).
+    rng: base key; step s draws its randomness from fold_in(rng, s), so a resumed run and an
+      uninterrupted one use the same numbers.
+  """
+
+  step: jax.Array
+  params: dict
+  model_state: dict
+  ema_params: Any
+  opt_d: Any
+  opt_ge: Any
+  rng: jax.Array
+
+
+def make_optimizers(config: ml_collections.ConfigDict):
+  """(D's optimiser, G+E's optimiser): Adam with β1=0, β2=0.999 by default (BigGAN's recipe)."""
+  o = config.optim
+  adam = lambda lr: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+  ge = optax.multi_transform(
+      {G: adam(o.g_lr), E: adam(o.e_lr)},
+      lambda params: {name: jax.tree_util.tree_map(lambda _: name, p)
+                      for name, p in params.items()})
+  return adam(o.d_lr), ge
+
+
+def _ge(params: dict) -> dict:
+  return {k: params[k] for k in (G, E) if k in params}
+
+
+def init_train_state(rng: jax.Array, *, nets: networks.Networks,
+                     config: ml_collections.ConfigDict) -> TrainState:
+  """A fresh train state (pure: jit it with out_shardings to create it sharded)."""
+  init_key, state_key = jax.random.split(rng)
+  variables = nets.init(init_key)
+  params = {name: v["params"] for name, v in variables.items()}
+  model_state = {name: {c: x for c, x in v.items() if c != "params"}
+                 for name, v in variables.items()}
+  tx_d, tx_ge = make_optimizers(config)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+      ema_params=params[G], opt_d=tx_d.init(params[D]), opt_ge=tx_ge.init(_ge(params)),
+      rng=state_key)
+
+
+def abstract_train_state(nets, config, mesh):
+  """The train state's shapes with their target shardings attached (no allocation)."""
+  shapes = jax.eval_shape(functools.partial(init_train_state, nets=nets, config=config),
+                          jax.random.PRNGKey(0))
+  shardings = sharding_lib.state_sharding(mesh, shapes, config.shard_params)
+  return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def shardings_of(tree):
+  return jax.tree_util.tree_map(lambda s: s.sharding, tree)
+
+
+def make_init_fn(nets, config, abstract_state):
+  """jit(init_train_state) that creates every array directly in its sharding."""
+  return jax.jit(functools.partial(init_train_state, nets=nets, config=config),
+                 out_shardings=shardings_of(abstract_state))

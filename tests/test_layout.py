@@ -1,0 +1,117 @@
+"""The package's shape: no import cycle, modules of a readable size, no import side effects,
+and no reference to a file the repository does not hold."""
+
+import ast
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "bigbigan_jax"
+MAX_LINES = 450
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  out = {}
+  for path in sorted(PACKAGE.rglob("*.py")):
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    out[name] = path
+  return out
+
+
+def _imports(path: pathlib.Path, modules) -> set[str]:
+  """The package modules `path` imports anywhere in it (deferred imports included)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      # `from pkg import mod` imports pkg.mod when that is a module, else a name of pkg.
+      names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules
+               else node.module for a in node.names]
+    else:
+      continue
+    found.update(n for n in names if n in modules)
+  return found
+
+
+def _cycle(graph: dict[str, set[str]]):
+  """One import cycle as a list of modules, or None."""
+  state = {}  # 1: on the current path, 2: done.
+  path = []
+
+  def visit(node):
+    state[node] = 1
+    path.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 1:
+        return path[path.index(nxt):] + [nxt]
+      if nxt not in state:
+        found = visit(nxt)
+        if found:
+          return found
+    path.pop()
+    state[node] = 2
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      found = visit(node)
+      if found:
+        return found
+  return None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+  assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+  assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_of_the_package_imports_another_in_a_cycle():
+  modules = _modules()
+  # A package's __init__ is imported with each of its modules, so it is not an edge of its own.
+  graph = {name: {m for m in _imports(path, modules) if not name.startswith(m + ".")}
+           for name, path in modules.items()}
+  assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_every_module_is_under_the_size_limit():
+  sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+  assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
+
+
+def test_importing_every_module_changes_no_environment(tmp_path):
+  names = sorted(_modules())
+  script = (
+      # Libraries set variables of their own at import (TF2_BEHAVIOR, ...): load them first.
+      "import os, sys, jax, flax, optax, orbax.checkpoint, tensorflow, tensorflow_datasets\n"
+      "import matplotlib, sklearn, scipy, ml_collections, absl\n"
+      "before = dict(os.environ); platforms = jax.config.jax_platforms\n"
+      f"for name in {names!r}:\n"
+      "  __import__(name)\n"
+      "changed = sorted(k for k in set(os.environ) | set(before) "
+      "if os.environ.get(k) != before.get(k))\n"
+      "assert not changed, changed\n"
+      "assert jax.config.jax_platforms == platforms, jax.config.jax_platforms\n"
+      "print('ok')\n")
+  env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+  out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_documents_and_comments_cite_only_files_the_repository_holds():
+  tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+  held = set(tracked) | {p.name for p in map(pathlib.Path, tracked)}
+  missing = set()
+  for name in tracked:
+    if not name.endswith((".py", ".md", ".sh", ".cfg", ".ipynb")) or not (ROOT / name).exists():
+      continue
+    text = (ROOT / name).read_text()
+    for cited in re.findall(r"[\w./-]*[\w-]+\.md\b", text):
+      if cited.lstrip("./") not in held and pathlib.Path(cited).name not in held:
+        missing.add((name, cited))
+  assert not missing, sorted(missing)
