@@ -1,4 +1,4 @@
-"""One process of the multi-host test (tests/test_multihost.py runs it; not a test itself).
+"""One process of the multi-host tests (tests/test_faults_multihost.py; not a test itself).
 
   python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES LOCAL_DEVICES PORT WORKDIR OUT \
       [FIELD=VALUE ...]

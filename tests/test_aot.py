@@ -18,6 +18,7 @@ import pytest
 from bigbigan_jax.models import flops
 from bigbigan_jax.tools import tpu_slices
 
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GiB = 2**30
 
@@ -130,6 +131,7 @@ def tiny_v4_8():
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.tpu_aot
 @needs_libtpu
 def test_tiny_step_compiles_for_v4_8_and_fits(tiny_v4_8):
@@ -166,6 +168,7 @@ def test_tiny_step_compiles_for_v4_8_and_fits(tiny_v4_8):
   assert 0 < c["model_flops_utilisation"] <= c["hardware_flops_utilisation"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.tpu_aot
 @needs_libtpu
 def test_text_report_reads_the_same_numbers(tiny_v4_8):
@@ -175,6 +178,7 @@ def test_text_report_reads_the_same_numbers(tiny_v4_8):
   assert "2 per device" in text and ": fits" in text and "of 32.00 GiB" in text
 
 
+@pytest.mark.slow
 @pytest.mark.tpu_aot
 @needs_libtpu
 def test_unknown_topology_is_a_clear_error():
@@ -191,6 +195,7 @@ def test_unknown_topology_is_a_clear_error():
   assert "Known slices" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.tpu_aot
 @needs_libtpu
 def test_step_too_big_for_hbm_fails_with_advice():

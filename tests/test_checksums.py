@@ -10,6 +10,8 @@ import pytest
 from train_steps import flat
 from train_steps import run_steps
 
+pytestmark = pytest.mark.slow  # three train steps of each model kind.
+
 # {tree: (sum |w|, sum w², w · r)} of params, G's EMA and the non-trained state (σ estimates,
 # BN statistics) after 3 steps from PRNGKey(0) on seeded batches, on 1 CPU device.
 RECORDED = {

@@ -24,6 +24,7 @@ def test_importing_every_cli_module_defines_no_flags():
   assert not ours & set(flags.FLAGS), sorted(ours & set(flags.FLAGS))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLI_MODULES)
 def test_help_describes_the_flags(name):
   out = subprocess.run([sys.executable, "-m", f"bigbigan_jax.{name}", "--help"],

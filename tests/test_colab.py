@@ -12,6 +12,8 @@ import re
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the notebook end to end.
+
 nbclient = pytest.importorskip("nbclient")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

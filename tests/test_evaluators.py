@@ -27,6 +27,8 @@ from bigbigan_jax.evaluation import inception
 from bigbigan_jax.models import networks
 from bigbigan_jax.training import state as state_lib
 
+pytestmark = pytest.mark.slow  # trains tiny models for the evaluators, and the train-then-eval run.
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -258,6 +258,7 @@ def test_key_mapping_covers_every_key():
     inception_weights.torch_key_to_flax("AuxLogits.fc.weight.extra")
 
 
+@pytest.mark.slow
 def test_convert_load_and_forward_match_numpy_reference(tmp_path):
   sd = fake_state_dict()
   sd_path, out_path = tmp_path / "pytorch_fid_state_dict.npz", tmp_path / "inception_fid.npz"

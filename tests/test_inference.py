@@ -20,6 +20,8 @@ from bigbigan_jax.training import checkpoint as checkpoint_lib
 from bigbigan_jax.training import loop
 from bigbigan_jax.training import state as state_lib
 
+pytestmark = pytest.mark.slow  # trains and checkpoints a tiny model for the API.
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BATCH = 8  # Per compiled call: one example per fake device, so 13 examples take two calls.
 

@@ -20,6 +20,8 @@ from bigbigan_jax.evaluation import probe_eval
 from bigbigan_jax.models import networks
 from bigbigan_jax.training import state as state_lib
 
+pytestmark = pytest.mark.slow  # trains the judge and tiny models.
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

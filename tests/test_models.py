@@ -22,6 +22,7 @@ def _tiny(variant):
   return nets, jax.jit(nets.init, static_argnums=1)(jax.random.PRNGKey(0), 4)
 
 
+@pytest.mark.slow
 def test_generator_hierarchical_z_reaches_only_its_block():
   nets, variables = _tiny("bigbigan")
   g = nets.generator
@@ -50,6 +51,7 @@ def test_generator_hierarchical_z_reaches_only_its_block():
   assert not np.allclose(gen(zero_block1, bump(1)), ref)
 
 
+@pytest.mark.slow
 def test_class_conditional_generator_and_discriminator_use_labels():
   nets, variables = _tiny("biggan")
   z = jax.random.normal(jax.random.PRNGKey(1), (4, nets.z_dim))
@@ -88,6 +90,7 @@ def test_joint_discriminator_scores_respond_to_their_inputs():
   assert not np.allclose(a["s_xz"], c["s_xz"])
 
 
+@pytest.mark.slow
 def test_encoder_outputs_and_positive_stdev():
   nets, variables = _tiny("bigbigan")
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 64, 64, 3), minval=-1, maxval=1)
@@ -122,6 +125,7 @@ def test_revnet_unit_is_reversible():
   np.testing.assert_allclose(unit.apply(variables, y, method="inverse"), x, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_revnet_encoder_shapes():
   model = config_lib.base_config().model
   model.encoder.arch, model.encoder.width_multiplier = "revnet", 4
@@ -175,6 +179,7 @@ def _tiny_with(**model_fields):
   return nets, nets.init(jax.random.PRNGKey(0), 4)
 
 
+@pytest.mark.slow
 def test_deterministic_encoder_outputs_its_mean():
   nets, variables = _tiny_with(encoder__stochastic=False)
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 64, 64, 3), minval=-1, maxval=1)
@@ -243,6 +248,7 @@ def test_config_of_an_earlier_version_gets_the_new_fields_at_their_defaults():
   assert restored.model.ch == config.model.ch
 
 
+@pytest.mark.slow
 def test_resolution_16_is_the_32_px_net_less_its_first_block():
   # For data with little more than 8x8 of detail: G 4→8→16 (2 blocks, z in 3 chunks), D
   # 16→8 then two blocks at 8, E at 32 px with D seeing its input average-pooled to 16.

@@ -19,6 +19,8 @@ from bigbigan_jax.tools import sample
 from bigbigan_jax.training import checkpoint as checkpoint_lib
 from bigbigan_jax.training import state as state_lib
 
+pytestmark = pytest.mark.slow  # trains a tiny model, then the sampling tool.
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TILE = 32 + 1  # A 32x32 image and its 1-pixel gutter in images.grid.
 

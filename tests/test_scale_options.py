@@ -7,6 +7,7 @@ All on the tiny config, with one D update per step to keep the compiles short.
 """
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 from train_steps import flat
@@ -14,6 +15,8 @@ from train_steps import one_step
 
 from bigbigan_jax import sharding
 from bigbigan_jax.models import networks
+
+pytestmark = pytest.mark.slow  # compiles the step three more ways (remat, shard_params, bf16).
 
 
 def _tiny(load_config, variant="bigbigan", **model_overrides):
