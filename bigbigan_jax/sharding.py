@@ -11,12 +11,14 @@ on globally sharded arrays inside `jax.jit`.
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import jax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 DATA = "data"
 
@@ -46,7 +48,54 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
 
 
 def data_size(mesh: Mesh) -> int:
+  """The number of shards a batch is split into: the size of the mesh's data axis."""
+  if DATA not in mesh.axis_names:
+    raise ValueError(f"the mesh needs an axis named {DATA!r}; it has {mesh.axis_names}")
   return mesh.shape[DATA]
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def put_rows(mesh: Mesh, x: np.ndarray, rows: int | None = None) -> jax.Array:
+  """Zero-pads `x` to `rows` rows and splits them over the data axis.
+
+  Built from the host array shard by shard, so it also works when the mesh spans hosts
+  (every host passes the same array)."""
+  pad = (rows or x.shape[0]) - x.shape[0]
+  if pad:
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
+
+
+def batched_map(fn: Callable, inputs: Sequence[np.ndarray | None], *, mesh: Mesh, chunk: int,
+                row_indices: bool = False):
+  """Runs `fn(*chunk_inputs)` over fixed-size chunks of `inputs`, each sharded over the mesh.
+
+  What every evaluation over a dataset does (inference.Model's methods, the evaluators): the
+  inputs are cut along axis 0 into chunks of `chunk` rows (a multiple of the data axis), the
+  last one zero-padded, so `fn` compiles once. Chunk k+1 is dispatched before chunk k is
+  fetched, keeping the devices busy. A None input stays None. With `row_indices`, `fn` also
+  gets each row's int32 index within the call. Padding cannot reach real rows as long as `fn`
+  mixes no examples (evaluation mode: running BN statistics).
+
+  Returns:
+    `fn`'s output pytree as numpy, concatenated over chunks and trimmed to the real rows.
+  """
+  num = next(x.shape[0] for x in inputs if x is not None)
+  if row_indices:
+    inputs = (*inputs, np.arange(round_up(max(num, 1), chunk), dtype=np.int32))
+  pieces, pending = [], None
+  for start in range(0, max(num, 1), chunk):  # An empty call still runs one padded chunk.
+    args = [None if x is None else put_rows(mesh, x[start:start + chunk], chunk)
+            for x in inputs]
+    result = fn(*args)
+    if pending is not None:
+      pieces.append(jax.device_get(pending))
+    pending = result
+  pieces.append(jax.device_get(pending))
+  return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:num], *pieces)
 
 
 def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:

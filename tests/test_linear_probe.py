@@ -5,6 +5,7 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
+from bigbigan_jax import sharding
 from bigbigan_jax.evaluation import linear_probe
 
 
@@ -14,7 +15,7 @@ def _clusters(rng, n, centres, noise):
 
 
 def _mesh(n_devices):
-  return Mesh(np.asarray(jax.devices()[:n_devices]), (linear_probe.DATA_AXIS,))
+  return Mesh(np.asarray(jax.devices()[:n_devices]), (sharding.DATA,))
 
 
 def test_separable_clusters_are_learned():

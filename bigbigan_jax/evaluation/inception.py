@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigbigan_jax import sharding as sharding_lib
+
 INPUT_SIZE = 299
 
 NUM_CLASSES = 1008
@@ -379,11 +381,9 @@ def make_inception_fn(module: FIDInceptionV3, variables: Mapping[str, Any],
     apply = jax.jit(module.apply)
     return lambda images: apply(device_variables, images)
 
-  if "data" not in mesh.axis_names:
-    raise ValueError(f"the mesh needs an axis named 'data'; it has {mesh.axis_names}")
-  shards = mesh.shape["data"]
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shards = sharding_lib.data_size(mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
   device_variables = jax.device_put(variables, replicated)
   apply = jax.jit(module.apply, out_shardings=batch_sharding)
 

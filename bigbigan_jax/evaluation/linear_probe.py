@@ -30,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-DATA_AXIS = "data"
+from bigbigan_jax import sharding as sharding_lib
+
 _PRECISION = jax.lax.Precision.HIGHEST  # TPUs would otherwise multiply in one bf16 pass.
 
 Params = dict[str, jax.Array]
@@ -58,28 +59,7 @@ def standardize(train_feats: np.ndarray, *others: np.ndarray, eps: float = 1e-6
 
 def default_mesh() -> Mesh:
   """A 1-D mesh over every device, its axis named "data"."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
-
-
-def _num_shards(mesh: Mesh) -> int:
-  if DATA_AXIS not in mesh.axis_names:
-    raise ValueError(f"the mesh needs an axis named {DATA_AXIS!r}; it has {mesh.axis_names}")
-  return mesh.shape[DATA_AXIS]
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def _put_batch(mesh: Mesh, x: np.ndarray, padded_rows: int) -> jax.Array:
-  """Zero-pads rows to `padded_rows` and shards them over the mesh's data axis."""
-  pad = padded_rows - x.shape[0]
-  if pad:
-    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
-  # Built from the host array per shard, so that it also works when the mesh spans hosts
-  # (every host passes the same array).
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return Mesh(np.asarray(jax.devices()), (sharding_lib.DATA,))
 
 
 def _loss(params: Params, x: jax.Array, y: jax.Array, weight: jax.Array) -> jax.Array:
@@ -122,7 +102,7 @@ def _accuracy(predict, params: Params, mesh: Mesh, feats: np.ndarray, labels: np
   for start in range(0, feats.shape[0], chunk):
     x = feats[start:start + chunk]
     rows = x.shape[0]
-    top = np.asarray(predict(params, _put_batch(mesh, x, _round_up(rows, _num_shards(mesh)))))
+    top = np.asarray(predict(params, sharding_lib.put_rows(mesh, x, sharding_lib.round_up(rows, sharding_lib.data_size(mesh)))))
     top, y = top[:rows], labels[start:start + chunk, None]
     hits1 += int(np.sum(top[:, :1] == y))
     hitsk += int(np.sum(np.any(top == y, axis=1)))
@@ -177,7 +157,7 @@ def train_linear_probe(train_feats: np.ndarray, train_labels: np.ndarray,
     raise ValueError("no training features")
 
   mesh = mesh if mesh is not None else default_mesh()
-  shards = _num_shards(mesh)
+  shards = sharding_lib.data_size(mesh)
   replicated = NamedSharding(mesh, P())
 
   n, dim = train_x.shape
@@ -191,13 +171,13 @@ def train_linear_probe(train_feats: np.ndarray, train_labels: np.ndarray,
                     donate_argnums=(0, 1))
 
   full_batch = batch_size is None or batch_size >= n
-  rows = _round_up(n if full_batch else batch_size, shards)
+  rows = sharding_lib.round_up(n if full_batch else batch_size, shards)
 
   def put(index: np.ndarray | slice):
     count = len(train_labels[index])
     weight = np.ones((count,), np.float32)
-    return (_put_batch(mesh, train_x[index], rows), _put_batch(mesh, train_labels[index], rows),
-            _put_batch(mesh, weight, rows))
+    return (sharding_lib.put_rows(mesh, train_x[index], rows), sharding_lib.put_rows(mesh, train_labels[index], rows),
+            sharding_lib.put_rows(mesh, weight, rows))
 
   rng = np.random.default_rng(seed)
   batch = put(slice(None)) if full_batch else None
@@ -219,7 +199,7 @@ def train_linear_probe(train_feats: np.ndarray, train_labels: np.ndarray,
 
   k = min(5, num_classes)
   predict = jax.jit(functools.partial(predict_topk, k=k), out_shardings=replicated)
-  chunk = _round_up(max(eval_batch_size, 1), shards)
+  chunk = sharding_lib.round_up(max(eval_batch_size, 1), shards)
   top1, topk = _accuracy(predict, params, mesh, test_x, test_labels, chunk)
   train_top1, _ = _accuracy(predict, params, mesh, train_x, train_labels, chunk)
   return {"top1": top1, "top5": topk, "train_top1": train_top1, "train_loss": float(loss)}

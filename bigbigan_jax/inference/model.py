@@ -61,7 +61,7 @@ class Model:
     self._d_vars = discriminator_variables
     self._e_vars = encoder_variables
     self._step, self._use_ema = int(step), use_ema
-    self._chunk = programs.round_up(batch_size, sharding_lib.data_size(mesh))
+    self._chunk = sharding_lib.round_up(batch_size, sharding_lib.data_size(mesh))
     self._programs = programs.jitted_programs(nets, mesh)
 
   # --- Properties. ---------------------------------------------------------------------------
@@ -144,44 +144,10 @@ class Model:
 
   # --- Batching. -----------------------------------------------------------------------------
 
-  def _put(self, x: np.ndarray) -> jax.Array:
-    sharding = sharding_lib.batch_sharding(self._mesh)
-    # From the host array per shard, so every host of a multi-host mesh can pass its copy.
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
   def _map(self, fn, inputs: Sequence[np.ndarray | None], row_indices: bool = False):
-    """Runs `fn(*chunk_inputs)` over fixed-size chunks of `inputs`, sharded over the mesh.
-
-    Inputs are cut along axis 0 into chunks of `batch_size` rows, the last one zero-padded, so
-    `fn`'s programs compile once. Chunk k+1 is dispatched before chunk k is fetched, keeping
-    the device busy. A None input stays None. With `row_indices`, `fn` also gets each row's
-    int32 index within the call.
-
-    Returns:
-      `fn`'s output pytree as numpy, concatenated over chunks and trimmed to the real rows.
-    """
-    num = next(x.shape[0] for x in inputs if x is not None)
-    chunk = self._chunk
-    if row_indices:
-      inputs = (*inputs, np.arange(programs.round_up(max(num, 1), chunk), dtype=np.int32))
-    pieces, pending = [], None
-    for start in range(0, max(num, 1), chunk):  # An empty call still runs one padded chunk.
-      args = []
-      for x in inputs:
-        if x is None:
-          args.append(None)
-          continue
-        part = x[start:start + chunk]
-        if part.shape[0] < chunk:
-          pad = np.zeros((chunk - part.shape[0], *part.shape[1:]), part.dtype)
-          part = np.concatenate([part, pad])
-        args.append(self._put(part))
-      result = fn(*args)
-      if pending is not None:
-        pieces.append(jax.device_get(pending))
-      pending = result
-    pieces.append(jax.device_get(pending))
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:num], *pieces)
+    """`fn` over `inputs` in chunks of `batch_size` rows (sharding.batched_map)."""
+    return sharding_lib.batched_map(fn, inputs, mesh=self._mesh, chunk=self._chunk,
+                                    row_indices=row_indices)
 
   # --- Inputs. -------------------------------------------------------------------------------
 
@@ -349,7 +315,7 @@ class Model:
     latents.check_truncation(truncation, method)
     if num_batches < 1:
       raise ValueError(f"num_batches={num_batches} must be positive")
-    batch = programs.round_up(batch_size or self._chunk, sharding_lib.data_size(self._mesh))
+    batch = sharding_lib.round_up(batch_size or self._chunk, sharding_lib.data_size(self._mesh))
     program = self._programs["standing_pass"](batch, method, truncation is not None)
     replicated = sharding_lib.replicated(self._mesh)
     key = jax.device_put(jax.random.PRNGKey(seed), replicated)

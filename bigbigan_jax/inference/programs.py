@@ -73,9 +73,6 @@ def jitted_programs(nets: networks.Networks, mesh: Mesh) -> dict:
   return programs
 
 
-def round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
 
 def pooled_moments(means: np.ndarray, variances: np.ndarray, counts=None
                    ) -> tuple[np.ndarray, np.ndarray]:

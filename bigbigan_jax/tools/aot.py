@@ -41,10 +41,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from bigbigan_jax import config as config_lib
-from bigbigan_jax import sharding as sharding_lib
 from bigbigan_jax.models import flops as flops_lib
-from bigbigan_jax.models import networks
 from bigbigan_jax.tools import tpu_slices
 from bigbigan_jax.training import state as state_lib
 from bigbigan_jax.training import step as step_lib
@@ -110,18 +107,13 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
     "flops", "cost_model", compile times, "fits", and "advice" when it does not fit. When
     XLA runs out of memory compiling, "memory" is None and "error" holds its message.
   """
-  config_lib.validate(config)
   model = ml_collections.ConfigDict(config.model.to_dict())
   if model.conv_weight_grad == "auto":  # "auto" would see this host's CPU, not the TPU.
     model.conv_weight_grad = "xla"
-  nets = networks.build(model)
-  devices = tpu_slices.slice_devices(tpu)
-  mesh = sharding_lib.make_mesh(config.mesh, devices)
-  sharding_lib.check_batch_divisible(config.batch_size, mesh)
+  nets, mesh, abstract = state_lib.setup(config, tpu_slices.slice_devices(tpu), model=model)
   capacity = tpu.hbm_bytes_per_device if capacity_bytes is None else capacity_bytes
 
   t0 = time.perf_counter()
-  abstract = state_lib.abstract_train_state(nets, config, mesh)
   batch = step_lib.batch_spec(config, nets, mesh)
   step = step_lib.make_train_step(nets, config, mesh, abstract)
   lowered = step.lower(abstract, batch)
@@ -132,7 +124,7 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
   n = tpu.num_devices
   report = {
       "topology": tpu.name, "topology_name": tpu.topology, "chips": tpu.chips,
-      "devices": n, "device_kind": devices[0].device_kind,
+      "devices": n, "device_kind": mesh.devices.flat[0].device_kind,
       "global_batch": config.batch_size, "per_device_batch": config.batch_size // n,
       "d_steps": config.optim.d_steps, "dtype": config.model.dtype,
       "remat": bool(config.model.remat), "shard_params": bool(config.shard_params),

@@ -25,9 +25,6 @@ import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bigbigan_jax import config as config_lib  # noqa: E402
-from bigbigan_jax import sharding as sharding_lib  # noqa: E402
-from bigbigan_jax.models import networks  # noqa: E402
 from bigbigan_jax.training import state as state_lib  # noqa: E402
 from bigbigan_jax.training import step as step_lib  # noqa: E402
 
@@ -50,11 +47,7 @@ def peak_host_memory_mb() -> float:
 
 def run(config, steps: int = 10, warmup: int = 2) -> dict:
   """Compiles and times the train step of `config` on the local devices."""
-  config_lib.validate(config)
-  nets = networks.build(config.model)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  sharding_lib.check_batch_divisible(config.batch_size, mesh)
-  abstract_state = state_lib.abstract_train_state(nets, config, mesh)
+  nets, mesh, abstract_state = state_lib.setup(config)
 
   t0 = time.perf_counter()
   state = state_lib.make_init_fn(nets, config, abstract_state)(jax.random.PRNGKey(0))

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bigbigan_jax import config as config_lib
 from bigbigan_jax import sharding as sharding_lib
 from bigbigan_jax.data import pipeline
 from bigbigan_jax.models import networks
@@ -69,11 +68,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
       split, empty folder, ...), a workdir holding a checkpoint of a different model, or one
       whose checkpoints are all damaged.
   """
-  config_lib.validate(config)
-  nets = networks.build(config.model)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  sharding_lib.check_batch_divisible(config.batch_size, mesh)
-  abstract_state = state_lib.abstract_train_state(nets, config, mesh)
+  nets, mesh, abstract_state = state_lib.setup(config)
   resume_step, state, data_state = checkpoint_lib.restore_newest_intact(
       workdir, config, abstract_state)
   train_iter = pipeline.create_input_iter(config, split=config.data.train_split,

@@ -9,7 +9,7 @@ all start from.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from bigbigan_jax import config as config_lib
 from bigbigan_jax import sharding as sharding_lib
 from bigbigan_jax.models import networks
 from bigbigan_jax.models.networks import D
@@ -94,3 +95,26 @@ def make_init_fn(nets, config, abstract_state):
   """jit(init_train_state) that creates every array directly in its sharding."""
   return jax.jit(functools.partial(init_train_state, nets=nets, config=config),
                  out_shardings=shardings_of(abstract_state))
+
+
+class Setup(NamedTuple):
+  nets: networks.Networks
+  mesh: Any
+  abstract_state: TrainState  # ShapeDtypeStructs with their target shardings.
+
+
+def setup(config: ml_collections.ConfigDict, devices=None, *,
+          model: ml_collections.ConfigDict | None = None) -> Setup:
+  """What the trainer, `tools.aot` and `tools.benchmark` all start from, after every check
+  that needs neither data nor a compile: the config validated, the networks built (from
+  `model` instead of config.model when given), the mesh over `devices` (default: all), the
+  batch checked against it, and the train state's sharded shapes.
+
+  Raises:
+    ValueError: an invalid config, or a batch that does not split over the mesh.
+  """
+  config_lib.validate(config)
+  nets = networks.build(config.model if model is None else model)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  sharding_lib.check_batch_divisible(config.batch_size, mesh)
+  return Setup(nets, mesh, abstract_train_state(nets, config, mesh))
