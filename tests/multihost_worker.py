@@ -1,4 +1,4 @@
-"""One process of the multi-host tests (tests/test_faults_multihost.py; not a test itself).
+"""One process of the multi-host tests (test_multihost.py, test_faults_multihost.py).
 
   python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES LOCAL_DEVICES PORT WORKDIR OUT \
       [FIELD=VALUE ...]
