@@ -191,7 +191,7 @@ def test_fid_of_the_reference_set_with_itself_is_zero_and_stats_are_cached(tmp_p
   # (test_metrics). What this checks: the evaluator hands it the samples' and the reference's
   # statistics, equal here, so FID is 0.
   compared = []
-  monkeypatch.setattr(evaluators.metrics_lib, "fid_from_stats",
+  monkeypatch.setattr(fid_eval.metrics_lib, "fid_from_stats",
                       lambda *stats: compared.append(stats) or 0.0)
   results = fid.run(_RealsAsSamples(reals, mesh))
   assert set(results) == {"fid", "inception_score", "inception_score_std"}
