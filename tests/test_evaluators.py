@@ -207,7 +207,7 @@ def test_fid_of_the_reference_set_with_itself_is_zero_and_stats_are_cached(tmp_p
   # A new evaluator reads the cache and touches no real data.
   def no_data(*args, **kwargs):
     raise AssertionError("the cached statistics should have been used")
-  monkeypatch.setattr(evaluators, "real_batches", no_data)
+  monkeypatch.setattr(common, "real_batches", no_data)
   again, = evaluators.build(config, workdir)
   mu, sigma = again.reference_stats(mesh)
   mu0, sigma0 = fid.reference_stats(mesh)

@@ -9,7 +9,9 @@ a step folder is either whole or absent, and a crash mid-save leaves the last on
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import logging as std_logging
 import os
 import sys
 import tempfile
@@ -125,6 +127,21 @@ _NOISE = ("Traceback (most recent call last):", "asyncio/base_events.py", "_chec
           "Event loop is closed")
 
 
+class _FailedReadTasks(std_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's reads of a damaged step.
+
+  asyncio logs it when the garbage collector reaches such a task, which may be long after the
+  restore; the warning of `restore_newest_intact` has already named the step and the error.
+  """
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ("Task exception was never retrieved" in text and "async_deserialize" in text)
+
+
+_FAILED_READS = _FailedReadTasks()
+
+
 @contextlib.contextmanager
 def _stderr_filtered(noisy: Callable[[], bool]):
   """Passes on what is written to stderr inside `with`; if `noisy()` says a restore failed,
@@ -137,7 +154,9 @@ def _stderr_filtered(noisy: Callable[[], bool]):
       yield
     finally:
       if noisy():
+        std_logging.getLogger("asyncio").addFilter(_FAILED_READS)  # Added once: a set.
         time.sleep(0.5)  # The last callbacks of a failed read.
+        gc.collect()  # Its abandoned tasks, while stderr is still held.
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
