@@ -2,44 +2,22 @@
 half of the batch, train to the same parameters as one host with 4 devices."""
 
 import os
-import pathlib
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from processes import free_port
+from processes import start_worker
 
 pytestmark = pytest.mark.slow  # Three processes that train the tiny model.
 
-WORKER = pathlib.Path(__file__).resolve().parent / "multihost_worker.py"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _start(process_id, num_processes, local_devices, port, tmp_path, name):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.Popen(
-      [sys.executable, str(WORKER), str(process_id), str(num_processes), str(local_devices),
-       str(port), str(tmp_path / name), str(tmp_path / f"{name}.npz")],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc):
-  out, _ = proc.communicate(timeout=900)
-  assert proc.returncode == 0, out[-4000:]
-
 
 def test_two_processes_match_one_process(tmp_path):
-  port = _free_port()
-  hosts = [_start(i, 2, 2, port, tmp_path, "two_hosts") for i in range(2)]
-  single = _start(0, 1, 4, 0, tmp_path, "one_host")
-  for proc in hosts + [single]:
-    finish(proc)
+  port = free_port()
+  logs = [tmp_path / f"two_hosts{i}.log" for i in range(2)] + [tmp_path / "one_host.log"]
+  procs = [start_worker(i, 2, 2, port, tmp_path / "two_hosts", logs[i]) for i in range(2)]
+  procs.append(start_worker(0, 1, 4, 0, tmp_path / "one_host", logs[2]))
+  for proc, log in zip(procs, logs):
+    assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
   two = np.load(tmp_path / "two_hosts.npz")
   one = np.load(tmp_path / "one_host.npz")
   assert sorted(two.files) == sorted(one.files) and len(one.files) > 50
