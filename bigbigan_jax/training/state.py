@@ -23,6 +23,7 @@ from bigbigan_jax.models import networks
 from bigbigan_jax.models.networks import D
 from bigbigan_jax.models.networks import E
 from bigbigan_jax.models.networks import G
+from bigbigan_jax.training import objectives
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -59,10 +60,6 @@ def make_optimizers(config: ml_collections.ConfigDict):
   return adam(o.d_lr), ge
 
 
-def _ge(params: dict) -> dict:
-  return {k: params[k] for k in (G, E) if k in params}
-
-
 def init_train_state(rng: jax.Array, *, nets: networks.Networks,
                      config: ml_collections.ConfigDict) -> TrainState:
   """A fresh train state (pure: jit it with out_shardings to create it sharded)."""
@@ -74,7 +71,8 @@ def init_train_state(rng: jax.Array, *, nets: networks.Networks,
   tx_d, tx_ge = make_optimizers(config)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-      ema_params=params[G], opt_d=tx_d.init(params[D]), opt_ge=tx_ge.init(_ge(params)),
+      ema_params=params[G], opt_d=tx_d.init(params[D]), opt_ge=tx_ge.init(
+          {n: params[n] for n in objectives.build(nets, config.loss).eg_networks}),
       rng=state_key)
 
 
