@@ -1,10 +1,10 @@
-"""One process of the multi-host tests (test_multihost.py, test_faults_multihost.py).
+"""One process of the multi-host tests (test_multihost.py).
 
   python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES LOCAL_DEVICES PORT WORKDIR OUT \
       [FIELD=VALUE ...]
 
-Trains the tiny BigBiGAN (2 steps unless a FIELD=VALUE override says otherwise, e.g.
-num_train_steps=40) with the real trainer, input pipeline included: each process reads and
+Trains configs/tiny.py:lifecycle (the tiny BigBiGAN at 16 px; 2 steps unless a FIELD=VALUE
+override says otherwise, e.g. num_train_steps=40) with the real trainer, input pipeline included: each process reads and
 feeds only its own slice of the global batch. Process 0 writes the final parameters to OUT
 (.npz).
 """
@@ -36,7 +36,7 @@ logging.use_absl_handler()  # The trainer's console lines, as `python -m bigbiga
 logging.set_verbosity(logging.INFO)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-config = config_lib.load(os.path.join(ROOT, "configs", "tiny.py"))
+config = config_lib.load(os.path.join(ROOT, "configs", "tiny.py:lifecycle"))
 config.optim.eps = 1e-4  # See test_train.test_step_on_8_devices_equals_1_device.
 config.num_train_steps = 2
 config.sample_every_steps = 100  # Previews are not what this test compares.

@@ -1,6 +1,6 @@
 """Faults a pod run meets, on the CPU: SIGTERM and `kill -9` of a single host mid-save,
 damaged checkpoints, the lost-process watch (bigbigan_jax/training/faults.py and
-checkpoint.restore_newest_intact). Two hosts: test_faults_multihost.py."""
+checkpoint.restore_newest_intact). Two hosts: test_multihost.py."""
 
 import glob
 import os
@@ -43,63 +43,75 @@ def _damage(step_dir: pathlib.Path, how: str):
       os.remove(name)
 
 
+# What the single-host tests run: configs/tiny.py:lifecycle, whose step traces and loads in
+# about half the tiny BigBiGAN's time (what is tested is the run's life, not the step).
+STEPS = 12
+FLAGS = (f"--config.num_train_steps={STEPS}", "--config.log_every_steps=4",
+         "--config.sample_every_steps=1000")
+
+
+def _config():
+  return tiny("lifecycle", num_train_steps=STEPS)
+
+
 @pytest.fixture(scope="module")
-def four_steps(tmp_path_factory):
-  """A workdir of the tiny config trained to step 4 by the entry point (checkpoints 2 and 4).
+def uninterrupted(tmp_path_factory):
+  """A workdir of the tiny config trained by the entry point to step STEPS without a stop
+  (checkpoints 8 and 12), the reference of every single-host test.
 
   Every check below reads it from a fresh copy in this process: orbax restores through
   TensorStore's cache, so a process that had read a step would not see it damaged.
   """
-  workdir = tmp_path_factory.mktemp("faults") / "four_steps"
-  proc = _main(workdir)
+  workdir = tmp_path_factory.mktemp("faults") / "uninterrupted"
+  proc = _main(workdir, *FLAGS, "--config.checkpoint_every_steps=4")
   assert proc.wait(timeout=600) == 0, pathlib.Path(f"{workdir}.log").read_text()[-3000:]
   return workdir
 
 
 @pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_and_training_redoes_the_same_steps(
-    tmp_path, four_steps):
+    tmp_path, uninterrupted):
   run = tmp_path / "run"
-  shutil.copytree(four_steps, run)
-  _damage(run / "checkpoints" / "4", "truncate")
-  proc = _main(run)
+  shutil.copytree(uninterrupted, run)
+  _damage(run / "checkpoints" / "12", "truncate")
+  proc = _main(run, *FLAGS, "--config.checkpoint_every_steps=4")
   assert proc.wait(timeout=600) == 0, pathlib.Path(f"{run}.log").read_text()[-3000:]
   log = pathlib.Path(f"{run}.log").read_text()
-  assert "Damaged checkpoint(s)" in log and "step 4:" in log and "Traceback" not in log
-  assert "Resuming from step 2, the newest that reads back whole" in log
-  # Steps 3-4 were trained again from step 2, to the same numbers; step 4 was saved anew, and
-  # the damaged copy kept beside it.
-  assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
-  assert os.listdir(run / "damaged_checkpoints") == ["4"]
-  config = tiny()
+  assert "Damaged checkpoint(s)" in log and "step 12:" in log and "Traceback" not in log
+  assert "Resuming from step 8, the newest that reads back whole" in log
+  # Steps 9-12 were trained again from step 8, to the same numbers; step 12 was saved anew,
+  # and the damaged copy kept beside it.
+  assert sorted(os.listdir(run / "checkpoints"), key=int) == ["8", "12"]
+  assert os.listdir(run / "damaged_checkpoints") == ["12"]
+  config = _config()
   np.testing.assert_array_equal(_final_params(run, config)[1],
-                                _final_params(four_steps, config)[1])
+                                _final_params(uninterrupted, config)[1])
 
 
 @pytest.mark.slow
-def test_newest_checkpoint_with_deleted_files_falls_back_to_the_one_before(tmp_path, four_steps):
+def test_newest_checkpoint_with_deleted_files_falls_back_to_the_one_before(tmp_path, uninterrupted):
   # The same fallback as above, for files deleted rather than truncated; the restore is what
   # differs, so the set-up alone (no training) shows it.
   run = tmp_path / "run"
-  shutil.copytree(four_steps, run)
-  _damage(run / "checkpoints" / "4", "delete")
-  prepared = loop.prepare(tiny(), str(run))
-  assert prepared.resume_step == 2
-  assert os.listdir(run / "checkpoints") == ["2"]
-  assert os.listdir(run / "damaged_checkpoints") == ["4"]
+  shutil.copytree(uninterrupted, run)
+  _damage(run / "checkpoints" / "12", "delete")
+  prepared = loop.prepare(_config(), str(run))
+  assert prepared.resume_step == 8
+  assert os.listdir(run / "checkpoints") == ["8"]
+  assert os.listdir(run / "damaged_checkpoints") == ["12"]
 
 
 @pytest.mark.slow
-def test_all_checkpoints_damaged_is_an_error_that_changes_nothing(tmp_path, four_steps):
+def test_all_checkpoints_damaged_is_an_error_that_changes_nothing(tmp_path, uninterrupted):
   run = tmp_path / "run"
-  shutil.copytree(four_steps, run)
-  _damage(run / "checkpoints" / "4", "truncate")
-  (run / "checkpoints" / "2" / "meta" / "metadata").write_text("{not json")
+  shutil.copytree(uninterrupted, run)
+  _damage(run / "checkpoints" / "12", "truncate")
+  (run / "checkpoints" / "8" / "meta" / "metadata").write_text("{not json")
   before = sorted(glob.glob(str(run / "**"), recursive=True))
   with pytest.raises(ValueError) as error:
-    loop.prepare(tiny(), str(run))
+    loop.prepare(_config(), str(run))
   message = str(error.value)
-  assert "no checkpoint in" in message and "step 4:" in message and "step 2:" in message
+  assert "no checkpoint in" in message and "step 12:" in message and "step 8:" in message
   assert "Restore those step folders from a copy" in message
   assert sorted(glob.glob(str(run / "**"), recursive=True)) == before
 
@@ -191,7 +203,7 @@ def test_watch_reports_a_coordination_service_that_stops_answering():
 
 
 # ------------------------------------------------------------------------------------------
-# The single-host entry point, as a real process (two hosts: test_faults_multihost.py).
+# The single-host entry point, as a real process (two hosts: test_multihost.py).
 # ------------------------------------------------------------------------------------------
 
 
@@ -199,7 +211,7 @@ def _main(workdir, *flags):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   log = open(f"{workdir}.log", "a")  # pylint: disable=consider-using-with
   return subprocess.Popen(
-      [sys.executable, "-m", "bigbigan_jax.main", f"--config={ROOT}/configs/tiny.py",
+      [sys.executable, "-m", "bigbigan_jax.main", f"--config={ROOT}/configs/tiny.py:lifecycle",
        f"--workdir={workdir}", *flags], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -209,14 +221,10 @@ def _final_params(workdir, config):
 
 
 @pytest.mark.slow
-def test_single_host_sigterm_saves_and_kill_mid_save_resumes_exactly(tmp_path):
-  # One D update a step: what is tested is the run's life, not the step, and tracing a step
-  # with one D update is what a process spends most of its start-up on.
-  steps = ["--config.num_train_steps=16", "--config.log_every_steps=5",
-           "--config.sample_every_steps=1000", "--config.optim.d_steps=1"]
+def test_single_host_sigterm_saves_and_kill_mid_save_resumes_exactly(tmp_path, uninterrupted):
   run = tmp_path / "run"
   # SIGTERM: the run saves the step it is at and exits 0.
-  proc = _main(run, *steps, "--config.checkpoint_every_steps=1000")
+  proc = _main(run, *FLAGS, "--config.checkpoint_every_steps=1000")
   wait_for(f"{run}.log", "First step done", [proc])
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=300) == 0, pathlib.Path(f"{run}.log").read_text()[-3000:]
@@ -225,7 +233,7 @@ def test_single_host_sigterm_saves_and_kill_mid_save_resumes_exactly(tmp_path):
 
   # The same run resumed, then `kill -9` while an asynchronous save is in flight (orbax's
   # temporary folder exists).
-  proc = _main(run, *steps, "--config.checkpoint_every_steps=1")
+  proc = _main(run, *FLAGS, "--config.checkpoint_every_steps=1")
   wait_for(f"{run}.log", "Resuming from", [proc])
   deadline = time.monotonic() + 300
   while not glob.glob(str(run / "checkpoints" / "*.orbax-checkpoint-tmp*")):
@@ -234,11 +242,9 @@ def test_single_host_sigterm_saves_and_kill_mid_save_resumes_exactly(tmp_path):
   proc.kill()
   proc.wait()
   assert glob.glob(str(run / "checkpoints" / "*.orbax-checkpoint-tmp*"))
-  # Resumed once more, it finishes; its final params equal an uninterrupted run's.
-  for workdir in (run, tmp_path / "straight"):
-    proc = _main(workdir, *steps, "--config.checkpoint_every_steps=1000")
-    assert proc.wait(timeout=600) == 0, pathlib.Path(f"{workdir}.log").read_text()[-3000:]
-  config = tiny(num_train_steps=16, optim__d_steps=1)
-  finals = [_final_params(tmp_path / name, config) for name in ("run", "straight")]
-  assert [step for step, _ in finals] == [16, 16]
+  # Resumed once more, it finishes; its final params equal the uninterrupted run's.
+  proc = _main(run, *FLAGS, "--config.checkpoint_every_steps=1000")
+  assert proc.wait(timeout=600) == 0, pathlib.Path(f"{run}.log").read_text()[-3000:]
+  finals = [_final_params(workdir, _config()) for workdir in (run, uninterrupted)]
+  assert [step for step, _ in finals] == [STEPS, STEPS]
   np.testing.assert_array_equal(finals[0][1], finals[1][1])

@@ -1,27 +1,119 @@
 """Two hosts x 2 CPU devices (jax.distributed over gloo on localhost), each feeding its own
-half of the batch, train to the same parameters as one host with 4 devices."""
+half of the batch: they train to the same parameters as one host with 4 devices; SIGTERM to
+one stops both after the same step, and the resumed run equals an uninterrupted one bit for
+bit; a host killed ends the other within the bound, with the message.
+
+One uninterrupted two-host run (a module fixture) serves as the reference of the first two
+tests: each two-host run costs minutes here, most of them start-up.
+"""
 
 import os
+import pathlib
+import re
+import shutil
+import signal
+import time
 
+import jax
 import numpy as np
 import pytest
 from processes import free_port
 from processes import start_worker
+from processes import stopped_at
+from processes import wait_for
 
-pytestmark = pytest.mark.slow  # Three processes that train the tiny model.
+from bigbigan_jax import config as config_lib
+from bigbigan_jax.training import faults
+from bigbigan_jax.training import loop
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STEPS = 12
+# Two D updates a step: each host feeds its half of both real batches.
+RUN = (f"num_train_steps={STEPS}", "log_every_steps=4", "checkpoint_every_steps=100",
+       "optim.d_steps=2")
 
 
-def test_two_processes_match_one_process(tmp_path):
+def _hosts(workdir, logs, *overrides):
   port = free_port()
-  logs = [tmp_path / f"two_hosts{i}.log" for i in range(2)] + [tmp_path / "one_host.log"]
-  procs = [start_worker(i, 2, 2, port, tmp_path / "two_hosts", logs[i]) for i in range(2)]
-  procs.append(start_worker(0, 1, 4, 0, tmp_path / "one_host", logs[2]))
+  return [start_worker(i, 2, 2, port, workdir, logs[i], *overrides) for i in range(2)]
+
+
+def _wait(procs, logs, timeout=900):
   for proc, log in zip(procs, logs):
-    assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
-  two = np.load(tmp_path / "two_hosts.npz")
+    assert proc.wait(timeout=timeout) == 0, pathlib.Path(log).read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """Two hosts trained to step STEPS without a stop, keeping their step-2 checkpoint."""
+  base = tmp_path_factory.mktemp("uninterrupted")
+  logs = [base / f"host{i}.log" for i in range(2)]
+  _wait(_hosts(base / "run", logs, *RUN, "checkpoint_every_steps=2",
+               f"keep_checkpoints={STEPS}"), logs)
+  return base / "run"
+
+
+def test_two_processes_match_one_process(tmp_path, uninterrupted):
+  log = tmp_path / "one_host.log"
+  _wait([start_worker(0, 1, 4, 0, tmp_path / "one_host", log, "optim.d_steps=2")], [log])
   one = np.load(tmp_path / "one_host.npz")
-  assert sorted(two.files) == sorted(one.files) and len(one.files) > 50
+  # The two hosts' parameters after step 2, read back from their checkpoint (the newest once
+  # the later ones are left out of a copy).
+  two_hosts = tmp_path / "two_hosts"
+  shutil.copytree(uninterrupted, two_hosts)
+  for step in os.listdir(two_hosts / "checkpoints"):
+    if step != "2":
+      shutil.rmtree(two_hosts / "checkpoints" / step)
+  config = config_lib.load(str(ROOT / "configs" / "tiny.py:lifecycle"))
+  config.optim.eps = 1e-4  # As tests/multihost_worker.py.
+  prepared = loop.prepare(config, str(two_hosts))
+  assert prepared.resume_step == 2
+  two = {jax.tree_util.keystr(path): np.asarray(x) for path, x in
+         jax.tree_util.tree_leaves_with_path(jax.device_get(prepared.resumed_state.params))}
+  assert sorted(two) == sorted(one.files) and len(one.files) > 50
   for key in one.files:
     np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
-  # Both runs checkpointed their final step.
-  assert os.listdir(tmp_path / "two_hosts" / "checkpoints") == ["2"]
+
+
+def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step_and_resumes_exactly(
+    tmp_path, uninterrupted):
+  run = tmp_path / "run"
+  # Preemption notice to one host of two, after its first step.
+  logs = [tmp_path / f"host{i}.log" for i in range(2)]
+  hosts = _hosts(run, logs, *RUN)
+  wait_for(logs[1], "First step done", hosts)
+  hosts[1].send_signal(signal.SIGTERM)
+  _wait(hosts, logs, timeout=600)
+  steps = [stopped_at(log) for log in logs]
+  print(f"both hosts stopped at step {steps[0]}")
+  assert steps[0] == steps[1] < STEPS
+  assert os.listdir(run / "checkpoints") == [str(steps[0])]
+
+  # Rerun both: they resume, and end where the uninterrupted run did.
+  logs = [tmp_path / f"resume{i}.log" for i in range(2)]
+  _wait(_hosts(run, logs, *RUN), logs)
+  assert re.search(rf"Resuming from \S+ at step {steps[0]}\.", logs[0].read_text())
+  resumed, reference = np.load(f"{run}.npz"), np.load(f"{uninterrupted}.npz")
+  assert sorted(resumed.files) == sorted(reference.files) and len(resumed.files) > 50
+  for key in resumed.files:
+    np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
+
+
+def test_a_lost_host_ends_the_other_with_the_message(tmp_path):
+  logs = [tmp_path / f"host{i}.log" for i in range(2)]
+  hosts = _hosts(tmp_path / "run", logs, "num_train_steps=100000", "log_every_steps=10",
+                 "checkpoint_every_steps=5", "lost_process_timeout_s=30.0")
+  wait_for(logs[0], r"step 10/100000", hosts)
+  wait_for(logs[1], r"step 10/100000", hosts)
+  hosts[1].kill()
+  killed = time.monotonic()
+  code = hosts[0].wait(timeout=300)
+  took = time.monotonic() - killed
+  text = logs[0].read_text()
+  print(f"the survivor exited {took:.1f} s after the kill, status {code}")
+  assert code == faults.EXIT_LOST_PROCESS, text[-3000:]
+  assert took < 120
+  assert "another process has most likely died" in text or "has not been heard from" in text
+  assert "Rerun the same command on every host to resume" in text
