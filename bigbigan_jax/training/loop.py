@@ -8,6 +8,7 @@ preemption and stopping at the first non-finite loss with the last good checkpoi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, NamedTuple
@@ -34,6 +35,7 @@ from bigbigan_jax.training import state as state_lib
 from bigbigan_jax.training import step as step_lib
 
 
+@functools.lru_cache(maxsize=8)
 def make_sample_fn(nets, mesh):
   """jit'd (EMA params, G state, z, labels) → G(z) in eval mode (running BN statistics)."""
   def sample(ema_params, g_state, z, labels):
@@ -41,6 +43,7 @@ def make_sample_fn(nets, mesh):
   return jax.jit(sample, out_shardings=sharding_lib.replicated(mesh))
 
 
+@functools.lru_cache(maxsize=8)
 def make_reconstruct_fn(nets, mesh):
   """jit'd (state, x, key) → G_ema(E(x).z_sample) in eval mode."""
   def reconstruct(state, images, key):

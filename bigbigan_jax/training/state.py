@@ -89,10 +89,45 @@ def shardings_of(tree):
   return jax.tree_util.tree_map(lambda s: s.sharding, tree)
 
 
+def step_settings(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+  """What the train step and the init read of a config (loss, optim, ema), frozen: hashable,
+  so equal settings find the programs already built for them."""
+  return ml_collections.FrozenConfigDict(
+      {"loss": config.loss, "optim": config.optim, "ema": config.ema})
+
+
+class HashableTree:
+  """A pytree of hashable leaves (shardings), compared and hashed by structure and leaves."""
+
+  def __init__(self, tree):
+    leaves, self._treedef = jax.tree_util.tree_flatten(tree)
+    self._leaves = tuple(leaves)
+
+  @property
+  def tree(self):
+    return jax.tree_util.tree_unflatten(self._treedef, self._leaves)
+
+  def __eq__(self, other):
+    return (isinstance(other, HashableTree) and self._treedef == other._treedef
+            and self._leaves == other._leaves)
+
+  def __hash__(self):
+    return hash((self._treedef, self._leaves))
+
+
 def make_init_fn(nets, config, abstract_state):
-  """jit(init_train_state) that creates every array directly in its sharding."""
-  return jax.jit(functools.partial(init_train_state, nets=nets, config=config),
-                 out_shardings=shardings_of(abstract_state))
+  """jit(init_train_state) that creates every array directly in its sharding.
+
+  The same networks, settings and shardings give the same jitted function, so a notebook (or
+  a test) that starts a second run in the process does not trace and load it again.
+  """
+  return _jit_init(nets, step_settings(config), HashableTree(shardings_of(abstract_state)))
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_init(nets, settings, shardings: HashableTree):
+  return jax.jit(functools.partial(init_train_state, nets=nets, config=settings),
+                 out_shardings=shardings.tree)
 
 
 class Setup(NamedTuple):

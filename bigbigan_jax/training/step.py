@@ -141,12 +141,22 @@ def batch_spec(config, nets, mesh) -> dict:
 
 
 def make_train_step(nets, config, mesh, abstract_state):
-  """jit(train_step) with the state donated and NamedSharding in/out shardings."""
-  state_sh = state_lib.shardings_of(abstract_state)
-  batch_sh = state_lib.shardings_of(batch_spec(config, nets, mesh))
-  return jax.jit(functools.partial(train_step, nets=nets, config=config),
-                 in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=0)
+  """jit(train_step) with the state donated and NamedSharding in/out shardings.
+
+  The step reads only config.loss, .optim and .ema (`state.step_settings`): equal networks,
+  settings and shardings give the same jitted function, already traced and compiled when a
+  process trains a second time (a notebook cell run again, the resume tests).
+  """
+  return _jit_step(nets, state_lib.step_settings(config), mesh,
+                   state_lib.HashableTree(state_lib.shardings_of(abstract_state)),
+                   state_lib.HashableTree(state_lib.shardings_of(batch_spec(config, nets, mesh))))
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_step(nets, settings, mesh, state_sh, batch_sh):
+  return jax.jit(functools.partial(train_step, nets=nets, config=settings),
+                 in_shardings=(state_sh.tree, batch_sh.tree),
+                 out_shardings=(state_sh.tree, sharding_lib.replicated(mesh)), donate_argnums=0)
 
 
 def stacked_batches(iterator, d_steps: int):
