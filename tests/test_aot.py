@@ -1,10 +1,12 @@
 """The ahead-of-time TPU compile report (`bigbigan_jax.tools.aot`) and the analytic FLOP counts.
 
-The report tests compile the tiny config's real train step for a v4-8 slice (4 chips, one
-megacore device each) with libtpu's compile-only devices, through the command line as a user
-runs it, in a subprocess: the test process itself is pinned to 8 fake CPU devices.
+The report tests compile the tiny config's real train step (its 16 px `lifecycle` variant, which
+compiles in half the time) for a v4-8 slice (4 chips, one megacore device each) with libtpu's
+compile-only devices, and the digits demo's for a Colab TPU (v5e-1), through the command line
+as a user runs it, in a subprocess: the test process itself is pinned to 8 fake CPU devices.
 """
 
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -126,7 +128,7 @@ def test_train_step_count_composes_the_networks(load_config):
 @pytest.fixture(scope="module")
 def tiny_v4_8():
   """The JSON report of the tiny config's train step compiled for v4-8."""
-  result = _aot("--config=configs/tiny.py", "--topology=v4-8", "--json")
+  result = _aot("--config=configs/tiny.py:lifecycle", "--topology=v4-8", "--json")
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -173,7 +175,7 @@ def test_tiny_step_compiles_for_v4_8_and_fits(tiny_v4_8):
 @needs_libtpu
 def test_text_report_reads_the_same_numbers(tiny_v4_8):
   from bigbigan_jax.tools import aot  # pylint: disable=g-import-not-at-top
-  text = aot.format_report(tiny_v4_8, "configs/tiny.py")
+  text = aot.format_report(tiny_v4_8, "configs/tiny.py:lifecycle")
   assert "v4-8 (v4:2x2x1: 4 chips, 4 devices of TPU v4)" in text
   assert "2 per device" in text and ": fits" in text and "of 32.00 GiB" in text
 
@@ -193,6 +195,27 @@ def test_unknown_topology_is_a_clear_error():
   assert result.returncode != 0
   assert "unknown TPU generation 'v9'" in result.stderr
   assert "Known slices" in result.stderr
+  # v6e: this libtpu's compile crashes the process, so the name is refused before it.
+  v6e = tpu_slices.parse_slice("v6e-1")
+  if aot.CRASHING_GENERATIONS.get("v6e") == importlib.metadata.version("libtpu"):
+    with pytest.raises(ValueError, match="crashes .segmentation fault. when it compiles for v6e"):
+      aot.refuse_crashing_generation(v6e)
+  aot.refuse_crashing_generation(tpu_slices.parse_slice("v5litepod-1"))  # Not refused.
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_aot
+@needs_libtpu
+def test_digits_demo_compiles_and_fits_on_a_colab_tpu():
+  # Colab's single-chip TPU runtime (v5e-1): the notebook's path must keep compiling.
+  result = _aot("--config=configs/digits.py", "--topology=v5litepod-1", "--json")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads(result.stdout.strip().splitlines()[-1])
+  assert (r["topology_name"], r["devices"], r["device_kind"]) == ("v5e:1x1", 1, "TPU v5 lite")
+  assert r["per_device_batch"] == 32 and r["fits"] is True
+  assert r["memory"]["total_bytes"] < 0.05 * r["capacity_bytes"]
+  assert 0.9 < r["flops"]["compiled_over_analytic"] < 1.5
+  assert r["cost_model"]["step_seconds"] > 0
 
 
 @pytest.mark.slow

@@ -289,6 +289,7 @@ def main(argv):
                          "--config=configs/bigbigan_resnet50.py --topology=v3-128")
   try:
     tpu = tpu_slices.parse_slice(FLAGS.topology)
+    refuse_crashing_generation(tpu)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   # The report must describe the program the trainer runs: fully optimised, freshly compiled.
@@ -306,6 +307,28 @@ def main(argv):
                                                            if FLAGS.json else ""),
           file=sys.stderr)
     sys.exit(1)
+
+
+# Generations whose compile-only compile kills the process with this libtpu: refused up front
+# with the reason, instead of a segmentation fault minutes in. Seen with libtpu 0.0.42.1 and
+# jax 0.10.2 (the digits demo at v6e-1).
+CRASHING_GENERATIONS = {"v6e": "0.0.42.1"}
+
+
+def refuse_crashing_generation(tpu: tpu_slices.TpuSlice):
+  """Raises ValueError for a generation whose compile crashes with the installed libtpu."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  try:
+    installed = importlib.metadata.version("libtpu")
+  except importlib.metadata.PackageNotFoundError:
+    return  # The compile itself will say that libtpu is missing.
+  if CRASHING_GENERATIONS.get(tpu.generation) == installed:
+    raise ValueError(
+        f"{tpu.name}: libtpu {installed} crashes (segmentation fault) when it compiles for "
+        f"{tpu.generation} on a host without that TPU, so this tool refuses {tpu.generation} "
+        "names. Check the fit on the same per-device batch with another generation (e.g. "
+        "--topology=v5p-8 or v5litepod-4), or run the tool on a v6e host, or with a libtpu "
+        "other than this one.")
 
 
 def use_compile_only_environment():
