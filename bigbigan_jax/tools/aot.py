@@ -213,8 +213,8 @@ def define_flags():
       "config", None, "Experiment config file, e.g. configs/bigbigan_resnet50.py.",
       lock_config=True)
   flags.DEFINE_string(
-      "topology", None, "Cloud TPU type (v3-128, v4-64, v5litepod-16, v5p-128, v6e-64) or a "
-      "libtpu topology (v4:2x4x4).")
+      "topology", None, "Cloud TPU type (v3-128, v4-64, v5litepod-16, v5p-128) or a libtpu "
+      "topology (v4:2x4x4). v6e is refused with libtpu 0.0.42.1, whose compile for it crashes.")
   flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
   flags.DEFINE_float(
       "hbm_gib", None, "Check against this much HBM per device (GiB) instead of the table's, "
