@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import os
 import re
 
 import numpy as np
@@ -17,6 +18,7 @@ from bigbigan_jax.data import pipeline
 from bigbigan_jax.data import preprocess
 from bigbigan_jax.data import sources
 from bigbigan_jax.data import streams
+from bigbigan_jax.tools import benchmark
 
 TINY_TRAIN, TINY_TEST = 41, 11
 
@@ -468,3 +470,21 @@ def test_tfds_corrupt_record(tmp_path, caplog):
   assert len(batches) == 5 and set(batches[0]) == {"image", "label", "mask"}
   seen = np.concatenate([b["label"][b["mask"]] for b in batches])
   assert sorted(seen) == sorted(set(range(20)) - {7})
+
+
+def test_input_benchmark_reads_photo_sized_jpegs_and_states_the_feed_need(tmp_path):
+  mean_kb = benchmark.write_synthetic_jpegs(str(tmp_path), 12)
+  assert 40 < mean_kb < 200  # About a photo's size at ~500x375, quality 90.
+  names = sorted(os.listdir(tmp_path))
+  assert names == [f"class{i}" for i in range(10)]
+  assert Image.open(tmp_path / "class0" / "000000.jpg").size == (500, 375)
+  c = make_config(source="folder", folder=str(tmp_path), augment="resnet")
+  c.batch_size, c.optim.d_steps = 16, 2
+  result = benchmark.run_input_pipeline(c, steps=2, warmup=0, hosts=4, step_ms=250.0)
+  assert result["local_batch_size"] == 4 and result["resolution"] == 32
+  assert result["images_per_s"] > 0
+  assert result["images_per_s_per_core"] * result["cores"] == pytest.approx(
+      result["images_per_s"])
+  # Each of 4 hosts feeds 16 x 2 / 4 = 8 images per 0.25 s step.
+  assert result["need_images_per_s"] == pytest.approx(32.0)
+  assert result["cores_needed"] == pytest.approx(32.0 / result["images_per_s_per_core"])

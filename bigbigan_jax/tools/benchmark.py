@@ -1,11 +1,23 @@
-r"""Measures the real train step of a config on this machine: compile time, step time,
-images/s and peak host memory. Synthetic inputs, so no dataset is read.
+r"""Measures, on this machine, the real train step of a config (compile time, step time,
+images/s, peak host memory; synthetic inputs, so no dataset is read) or, with
+`--input_pipeline`, the real input pipeline of its `config.data`.
 
   python -m bigbigan_jax.tools.benchmark --config=configs/digits.py
   python -m bigbigan_jax.tools.benchmark --config=configs/tiny.py --steps=20 --json
 
 Step times are the median of `--steps` timed steps after `--warmup` untimed ones; "images/s"
 counts the real images D sees (batch_size x d_steps per step).
+
+The input pipeline (decode, crop, bicubic resize, flip, exactly as training reads it) of one
+host of `--hosts`, beside what that host must feed when a step takes `--step_ms`:
+
+  python -m bigbigan_jax.tools.benchmark --config=configs/bigbigan_resnet50.py \
+      --input_pipeline --synthetic_jpegs=2000 --hosts=16 --step_ms=311
+
+reads 2,000 generated JPEGs of ImageNet's typical size (or `--config.data.source=folder
+--config.data.folder=DIR` for real ones) in batches of batch_size / hosts. A host must feed
+batch_size x d_steps / hosts images per step; the report says how many of its cores the
+pipeline needs for that at the rate measured here per core.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -37,6 +50,16 @@ def define_flags():
   flags.DEFINE_integer("steps", 10, "Timed steps.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after the compiling one.")
   flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+  flags.DEFINE_bool("input_pipeline", False,
+                    "Time the input pipeline of --config (batches of one host's share) "
+                    "instead of the train step; --steps batches after --warmup.")
+  flags.DEFINE_integer("hosts", 1, "With --input_pipeline: the hosts that share "
+                       "config.batch_size; this one reads batch_size / hosts per batch.")
+  flags.DEFINE_float("step_ms", 0.0, "With --input_pipeline: a train step time (e.g. the AOT "
+                     "report's) to compare the feed rate against; 0 leaves it out.")
+  flags.DEFINE_integer("synthetic_jpegs", 0, "With --input_pipeline: write this many JPEGs of "
+                       "ImageNet's typical size (~500x375, quality 90) to a temporary folder "
+                       "and read them (config.data.source='folder').")
 
 
 def peak_host_memory_mb() -> float:
@@ -90,11 +113,94 @@ def run(config, steps: int = 10, warmup: int = 2) -> dict:
   }
 
 
+# Shapes of typical ImageNet photos (height, width); JPEG decoding cost follows the pixel count.
+_PHOTO_SHAPES = ((375, 500), (500, 375), (333, 500), (500, 500))
+
+
+def write_synthetic_jpegs(folder: str, n: int, seed: int = 0) -> float:
+  """Writes n photo-sized JPEGs into 10 class folders; returns their mean size in KB.
+
+  The content is a smooth random colour field plus noise, which JPEG compresses to about the
+  size of a photo of that shape (ImageNet's mean is ~110 KB): decoding cost depends on the
+  pixel count and the compressed size, not on what the picture shows.
+  """
+  import tensorflow as tf  # Only this path needs it.
+  rng = np.random.default_rng(seed)
+  total = 0
+  for i in range(n):
+    height, width = _PHOTO_SHAPES[i % len(_PHOTO_SHAPES)]
+    low = rng.uniform(0, 255, (1, 12, 16, 3)).astype(np.float32)
+    image = tf.image.resize(low, [height, width], method="bicubic")[0].numpy()
+    image = np.clip(image + rng.normal(0, 18, image.shape), 0, 255).astype(np.uint8)
+    data = tf.io.encode_jpeg(image, quality=90).numpy()
+    os.makedirs(os.path.join(folder, f"class{i % 10}"), exist_ok=True)
+    with open(os.path.join(folder, f"class{i % 10}", f"{i:06d}.jpg"), "wb") as f:
+      f.write(data)
+    total += len(data)
+  return total / n / 1e3
+
+
+def run_input_pipeline(config, steps: int = 10, warmup: int = 2, hosts: int = 1,
+                       step_ms: float = 0.0) -> dict:
+  """Times this host's batches of config.data (host 0 of `hosts`) and its feed requirement."""
+  from bigbigan_jax.data import pipeline  # TF is imported only when the input is measured.
+  t0 = time.perf_counter()
+  batches = pipeline.create_input_iter(config, process_index=0, process_count=hosts)
+  first = next(batches)
+  start_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    next(batches)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  elapsed = time.perf_counter() - t0
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  images_per_s = batches.local_batch_size * steps / elapsed
+  result = {
+      "source": config.data.source, "augment": config.data.augment,
+      "resolution": int(first["image"].shape[1]), "hosts": hosts,
+      "local_batch_size": batches.local_batch_size, "first_batch_s": start_s,
+      "images_per_s": images_per_s, "cores": cores, "images_per_s_per_core": images_per_s / cores,
+  }
+  if step_ms > 0:
+    need = config.batch_size * config.optim.d_steps / hosts / (step_ms / 1e3)
+    result.update(step_ms=step_ms, need_images_per_s=need,
+                  cores_needed=need / result["images_per_s_per_core"])
+  return result
+
+
+def _print_input_pipeline(result: dict) -> None:
+  print(f"input pipeline: {result['source']} images, crop {result['augment']}, bicubic to "
+        f"{result['resolution']}x{result['resolution']}, batches of {result['local_batch_size']}"
+        f" (one host of {result['hosts']})")
+  print(f"first batch:           {result['first_batch_s']:.1f} s")
+  print(f"throughput:            {result['images_per_s']:.1f} images/s on {result['cores']} "
+        f"cores = {result['images_per_s_per_core']:.1f} images/s per core")
+  if "need_images_per_s" in result:
+    print(f"needed at {result['step_ms']:.0f} ms/step: {result['need_images_per_s']:.1f} "
+          f"images/s per host = {result['cores_needed']:.1f} cores at this rate per core")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/digits.py")
+  if FLAGS.input_pipeline:
+    config = FLAGS.config
+    with tempfile.TemporaryDirectory() as folder:
+      if FLAGS.synthetic_jpegs:
+        mean_kb = write_synthetic_jpegs(folder, FLAGS.synthetic_jpegs)
+        config.data.source, config.data.folder = "folder", folder
+        print(f"wrote {FLAGS.synthetic_jpegs} JPEGs of {mean_kb:.0f} KB on average",
+              file=sys.stderr)
+      result = run_input_pipeline(config, FLAGS.steps, FLAGS.warmup, FLAGS.hosts,
+                                  FLAGS.step_ms)
+    if FLAGS.json:
+      print(json.dumps(result))
+    else:
+      _print_input_pipeline(result)
+    return
   result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup)
   if FLAGS.json:
     print(json.dumps(result))
