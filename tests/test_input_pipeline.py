@@ -276,6 +276,25 @@ def test_crop_window_stays_inside_the_image():
   assert out.shape == (32, 32, 3) and -1 <= out.numpy().min() <= out.numpy().max() <= 1
 
 
+@pytest.mark.parametrize("mode", ["resnet", "center", "none"])
+def test_jpeg_files_decode_only_the_window_and_match_a_full_decode(mode):
+  # A folder's JPEG takes decode_and_crop_jpeg; the crop of a full decode is the reference.
+  # They differ only where a window starts at an odd pixel: chroma, stored at half
+  # resolution, is then upsampled from one neighbour fewer along that edge.
+  rng = np.random.default_rng(3)
+  smooth = tf.image.resize(rng.uniform(0, 255, (1, 12, 16, 3)), [375, 500], method="bicubic")
+  image = np.clip(smooth[0].numpy() + rng.normal(0, 18, (375, 500, 3)), 0, 255)
+  data = tf.io.encode_jpeg(image.astype(np.uint8), quality=90)
+  for s in range(6):
+    seed = tf.constant([s, 11], tf.int64)
+    fast = preprocess.preprocess_image(data, "encoded", mode=mode, resolution=64, seed=seed,
+                                       flip=False).numpy()
+    full = preprocess.preprocess_image(tf.io.decode_jpeg(data, channels=3), "decoded",
+                                       mode=mode, resolution=64, seed=seed, flip=False).numpy()
+    np.testing.assert_array_equal(fast[3:-3, 3:-3], full[3:-3, 3:-3])
+    np.testing.assert_allclose(fast, full, atol=0.05)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(batch_size=9), "not divisible by the process count 2"),
     (dict(source="folder", folder="/nonexistent/images"), "does not exist"),
