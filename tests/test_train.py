@@ -204,6 +204,23 @@ def test_benchmark_reports_its_figures():
   assert result["peak_host_memory_mb"] > 100
 
 
+def test_biggan_pytorch_layout_follows_the_config_and_bad_input_is_named(tmp_path):
+  with pytest.raises(ValueError, match="compares class-conditional BigGAN"):
+    benchmark.biggan_pytorch_spec(tiny(), str(tmp_path), 2, 0)
+  config = tiny("biggan", model__d_attention_res=0)
+  with pytest.raises(ValueError, match="not a BigGAN-PyTorch checkout .no BigGAN.py, "
+                                       "train_fns.py, utils.py, layers.py"):
+    benchmark.biggan_pytorch_spec(config, str(tmp_path), 2, 0)
+  for name in ("BigGAN.py", "train_fns.py", "utils.py", "layers.py"):
+    (tmp_path / name).write_text("")
+  spec = benchmark.biggan_pytorch_spec(config, str(tmp_path), 5, 1)
+  model = config.model
+  assert spec["resolution"] == model.resolution and spec["ch"] == model.ch
+  assert spec["batch"] == config.batch_size and spec["d_steps"] == config.optim.d_steps
+  assert spec["g_attn"] == str(model.g_attention_res) != "0" and spec["d_attn"] == "0"
+  assert (spec["steps"], spec["warmup"], spec["dir"]) == (5, 1, str(tmp_path))
+
+
 def _run_main(*args, timeout=600, cwd=ROOT):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.run([sys.executable, "-m", "bigbigan_jax.main", *args], cwd=cwd, env=env,

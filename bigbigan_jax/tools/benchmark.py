@@ -8,6 +8,17 @@ images/s, peak host memory; synthetic inputs, so no dataset is read) or, with
 Step times are the median of `--steps` timed steps after `--warmup` untimed ones; "images/s"
 counts the real images D sees (batch_size x d_steps per step).
 
+Against the author's PyTorch trainer: `--biggan_pytorch=DIR` (a checkout of
+github.com/ajbrock/BigGAN-PyTorch; `--torch_python` an interpreter with torch, default this
+one) also times its own training step at the layout of a BigGAN `--config` (same resolution,
+width, batch, z, shared embedding, classes, attention, D steps, learning rates, Adam, orthogonal
+regularisation), in this run, and prints both with their ratio: the README's CPU table is
+
+  python -m bigbigan_jax.tools.benchmark --config=configs/digits.py:biggan \
+      --config.model.resolution=32 --config.model.ch=64 --config.batch_size=16 \
+      --config.model.z_dim=128 --config.model.shared_dim=128 --config.model.g_attention_res=0 \
+      --config.model.d_attention_res=0 --config.optim.d_steps=1 --biggan_pytorch=DIR
+
 The input pipeline (decode, crop, bicubic resize, flip, exactly as training reads it) of one
 host of `--hosts`, beside what that host must feed when a step takes `--step_ms`:
 
@@ -26,6 +37,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +62,10 @@ def define_flags():
   flags.DEFINE_integer("steps", 10, "Timed steps.")
   flags.DEFINE_integer("warmup", 2, "Untimed steps after the compiling one.")
   flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+  flags.DEFINE_string("biggan_pytorch", "", "A checkout of BigGAN-PyTorch: also time its own "
+                      "train step at the layout of this BigGAN --config, and print the ratio.")
+  flags.DEFINE_string("torch_python", sys.executable,
+                      "With --biggan_pytorch: a Python interpreter that has torch.")
   flags.DEFINE_bool("input_pipeline", False,
                     "Time the input pipeline of --config (batches of one host's share) "
                     "instead of the train step; --steps batches after --warmup.")
@@ -110,7 +126,55 @@ def run(config, steps: int = 10, warmup: int = 2) -> dict:
       "step_s_min": min(times), "step_s_max": max(times),
       "images_per_s": config.batch_size * config.optim.d_steps / step_s,
       "peak_host_memory_mb": peak_host_memory_mb(),
+      "params": {name: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+                 for name, tree in state.params.items()},
   }
+
+
+_PYTORCH_FILES = ("BigGAN.py", "train_fns.py", "utils.py", "layers.py")
+
+
+def biggan_pytorch_spec(config, checkout: str, steps: int, warmup: int) -> dict:
+  """The layout of a BigGAN config in BigGAN-PyTorch's terms (for biggan_pytorch_step.py).
+
+  Raises:
+    ValueError: for a config BigGAN-PyTorch's networks cannot take (BigBiGAN, no classes, a
+      resolution without an architecture there), before anything runs.
+  """
+  model = config.model
+  if model.kind != "biggan" or model.num_classes < 1:
+    raise ValueError(
+        f"--biggan_pytorch compares class-conditional BigGAN; this config has "
+        f"model.kind={model.kind!r}, num_classes={model.num_classes}. Use a biggan config, "
+        "e.g. --config=configs/digits.py:biggan.")
+  if model.resolution not in (32, 64, 128, 256, 512):
+    raise ValueError(f"BigGAN-PyTorch has architectures at 32, 64, 128, 256 and 512 px, not "
+                     f"model.resolution={model.resolution}.")
+  missing = [f for f in _PYTORCH_FILES if not os.path.isfile(os.path.join(checkout, f))]
+  if missing:
+    raise ValueError(f"--biggan_pytorch={checkout!r} is not a BigGAN-PyTorch checkout (no "
+                     f"{', '.join(missing)}). Clone github.com/ajbrock/BigGAN-PyTorch and pass "
+                     "its folder.")
+  attention = lambda res: str(res) if res else "0"
+  return {"dir": os.path.abspath(checkout), "resolution": int(model.resolution),
+          "ch": int(model.ch), "batch": int(config.batch_size),
+          "num_classes": int(model.num_classes), "z_dim": int(model.z_dim),
+          "shared_dim": int(model.shared_dim), "g_attn": attention(model.g_attention_res),
+          "d_attn": attention(model.d_attention_res), "d_steps": int(config.optim.d_steps),
+          "g_lr": float(config.optim.g_lr), "d_lr": float(config.optim.d_lr),
+          "b1": float(config.optim.b1), "b2": float(config.optim.b2),
+          "eps": float(config.optim.eps), "ortho": float(config.loss.ortho_beta),
+          "ema_decay": float(config.ema.decay), "steps": steps, "warmup": warmup}
+
+
+def run_biggan_pytorch(spec: dict, python: str = sys.executable) -> dict:
+  """Runs biggan_pytorch_step.py in `python`; its JSON result."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "biggan_pytorch_step.py")
+  done = subprocess.run([python, script, json.dumps(spec)], capture_output=True, text=True)
+  if done.returncode:
+    raise RuntimeError(f"BigGAN-PyTorch's step did not run ({python} {script}); its error:\n"
+                       + done.stderr[-3000:])
+  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # Shapes of typical ImageNet photos (height, width); JPEG decoding cost follows the pixel count.
@@ -201,7 +265,17 @@ def main(argv):
     else:
       _print_input_pipeline(result)
     return
+  spec = None
+  if FLAGS.biggan_pytorch:
+    try:
+      spec = biggan_pytorch_spec(FLAGS.config, FLAGS.biggan_pytorch, FLAGS.steps, FLAGS.warmup)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
   result = run(FLAGS.config, FLAGS.steps, FLAGS.warmup)
+  if spec is not None:
+    theirs = run_biggan_pytorch(spec, FLAGS.torch_python)
+    result["biggan_pytorch"] = theirs
+    result["ratio_to_biggan_pytorch"] = result["step_s"] / theirs["step_s"]
   if FLAGS.json:
     print(json.dumps(result))
     return
@@ -212,7 +286,16 @@ def main(argv):
   print(f"train step:            {result['step_s'] * 1e3:.1f} ms median "
         f"({result['step_s_min'] * 1e3:.1f}-{result['step_s_max'] * 1e3:.1f})")
   print(f"throughput:            {result['images_per_s']:.1f} real images/s")
+  print("parameters:            " + ", ".join(f"{name} {count:,}" for name, count in
+                                              result["params"].items()))
   print(f"peak host memory:      {result['peak_host_memory_mb']:.0f} MiB")
+  if "biggan_pytorch" in result:
+    theirs = result["biggan_pytorch"]
+    print(f"BigGAN-PyTorch step:   {theirs['step_s'] * 1e3:.1f} ms median "
+          f"({theirs['step_s_min'] * 1e3:.1f}-{theirs['step_s_max'] * 1e3:.1f}), torch "
+          f"{theirs['torch']} on {theirs['threads']} threads; G {theirs['g_params']:,} and D "
+          f"{theirs['d_params']:,} parameters")
+    print(f"ours / BigGAN-PyTorch: {result['ratio_to_biggan_pytorch']:.2f}")
 
 
 if __name__ == "__main__":
