@@ -10,6 +10,7 @@ from bigbigan_jax.config import base_config
 
 def get_config():
   config = base_config()
+  config.model.dtype = "bfloat16"  # As configs/bigbigan_resnet50.py: bf16 activations on TPU.
   config.model.kind = "biggan"
   config.model.num_classes = 1000
   # BigGAN trains on centre crops of the long edge, without flips.
