@@ -23,9 +23,9 @@ The input pipeline (decode, crop, bicubic resize, flip, exactly as training read
 host of `--hosts`, beside what that host must feed when a step takes `--step_ms`:
 
   python -m bigbigan_jax.tools.benchmark --config=configs/bigbigan_resnet50.py \
-      --input_pipeline --synthetic_jpegs=2000 --hosts=16 --step_ms=311
+      --input_pipeline --synthetic_jpegs=1000 --hosts=16 --step_ms=311
 
-reads 2,000 generated JPEGs of ImageNet's typical size (or `--config.data.source=folder
+reads 1,000 generated JPEGs of ImageNet's typical size (or `--config.data.source=folder
 --config.data.folder=DIR` for real ones) in batches of batch_size / hosts. A host must feed
 batch_size x d_steps / hosts images per step; the report says how many of its cores the
 pipeline needs for that at the rate measured here per core.
@@ -250,6 +250,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/digits.py")
+  if FLAGS.input_pipeline and FLAGS.biggan_pytorch:
+    raise app.UsageError("--biggan_pytorch compares train steps; it does not apply to "
+                         "--input_pipeline. Drop one of them.")
   if FLAGS.input_pipeline:
     config = FLAGS.config
     with tempfile.TemporaryDirectory() as folder:
