@@ -16,7 +16,6 @@ notebooks import; this file only parses flags.
 """
 
 import json
-import os
 import sys
 
 from absl import app
@@ -24,6 +23,8 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from bigbigan_jax import environment
 
 FLAGS = flags.FLAGS
 
@@ -82,7 +83,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Before TensorFlow loads (in main): its C++ start-up INFO lines are not for the user.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  environment.set_entry_point_defaults()  # Before TensorFlow loads (in main).
   define_flags()
   app.run(main)

@@ -7,9 +7,12 @@ TPU runtime at import.
 
 import os
 
+from bigbigan_jax import environment
+
+# As the entry points: quiet TF start-up, and no Keras import (5 s a process, subprocesses too).
+environment.set_entry_point_defaults()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()

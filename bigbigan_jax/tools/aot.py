@@ -41,6 +41,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from bigbigan_jax import environment
 from bigbigan_jax.models import flops as flops_lib
 from bigbigan_jax.tools import tpu_slices
 from bigbigan_jax.training import state as state_lib
@@ -336,7 +337,7 @@ def use_compile_only_environment():
   devices need no TPU runtime, so the CPU platform keeps jax from looking for one, and
   libtpu's host-wide lock must not stop a second compile (or a test) beside this one."""
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  environment.set_entry_point_defaults()
   if "JAX_PLATFORMS" not in os.environ:
     jax.config.update("jax_platforms", "cpu")
 

@@ -42,16 +42,15 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bigbigan_jax.training import state as state_lib  # noqa: E402
-from bigbigan_jax.training import step as step_lib  # noqa: E402
+from bigbigan_jax import environment
+from bigbigan_jax.training import state as state_lib
+from bigbigan_jax.training import step as step_lib
 
 FLAGS = flags.FLAGS
 
@@ -302,5 +301,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  environment.set_entry_point_defaults()
   define_flags()
   app.run(main)

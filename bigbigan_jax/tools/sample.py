@@ -21,12 +21,12 @@ import math
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-import numpy as np  # noqa: E402
+from bigbigan_jax import environment
 
 FLAGS = flags.FLAGS
 
@@ -184,6 +184,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  environment.set_entry_point_defaults()
   define_flags()
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

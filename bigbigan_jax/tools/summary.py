@@ -10,16 +10,14 @@ ImageNet models take seconds on a laptop.
 from __future__ import annotations
 
 import json
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from bigbigan_jax.models import networks  # noqa: E402
+from bigbigan_jax import environment
+from bigbigan_jax.models import networks
 
 FLAGS = flags.FLAGS
 
@@ -84,5 +82,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  environment.set_entry_point_defaults()
   define_flags()
   app.run(main)
