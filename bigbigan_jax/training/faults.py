@@ -184,6 +184,9 @@ def _try_get(client, key: str) -> Optional[str]:
     raise
 
 
+_COMPILED = {}  # (jitted, argument structure, shapes, dtypes, shardings) → its executable.
+
+
 def compile_on_every_process(jitted, *args):
   """Compiles `jitted` for `args` and, in a multi-process run, waits until every process has.
 
@@ -191,7 +194,15 @@ def compile_on_every_process(jitted, *args):
   step's collectives would otherwise wait for the slowest compile, and gloo gives up on a
   peer after 30 s. The wait is a coordination-service barrier, which has no such limit.
   """
-  compiled = jitted.lower(*args).compile()
+  leaves, treedef = jax.tree_util.tree_flatten(args)
+  key = (jitted, treedef, tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+  compiled = _COMPILED.get(key)
+  if compiled is None:
+    # A second run in the same process (a notebook cell run again, a resume test) reuses
+    # the executable instead of lowering it and loading it from the compilation cache again.
+    compiled = _COMPILED[key] = jitted.lower(*args).compile()
+    while len(_COMPILED) > 4:
+      del _COMPILED[next(iter(_COMPILED))]
   if jax.process_count() > 1:
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
     distributed.global_state.client.wait_at_barrier(

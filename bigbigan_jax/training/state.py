@@ -77,10 +77,19 @@ def init_train_state(rng: jax.Array, *, nets: networks.Networks,
 
 
 def abstract_train_state(nets, config, mesh):
-  """The train state's shapes with their target shardings attached (no allocation)."""
-  shapes = jax.eval_shape(functools.partial(init_train_state, nets=nets, config=config),
+  """The train state's shapes with their target shardings attached (no allocation).
+
+  Tracing the init for its shapes takes seconds; equal networks, settings and mesh reuse the
+  first answer (a notebook's second run, a resume in the same process).
+  """
+  return _abstract_train_state(nets, step_settings(config), mesh, bool(config.shard_params))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_train_state(nets, settings, mesh, shard_params: bool):
+  shapes = jax.eval_shape(functools.partial(init_train_state, nets=nets, config=settings),
                           jax.random.PRNGKey(0))
-  shardings = sharding_lib.state_sharding(mesh, shapes, config.shard_params)
+  shardings = sharding_lib.state_sharding(mesh, shapes, shard_params)
   return jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
