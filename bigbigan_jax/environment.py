@@ -8,7 +8,7 @@ wins.
                           on", "All log messages before absl::InitializeLog()") are not for
                           the user; its warnings and errors still show.
   TF_USE_LEGACY_KERAS=1   `import tensorflow` eagerly imports Keras 3 (and through it
-                          scikit-learn, SciPy and IPython): 5 of its 13 s on a 2-core CPU,
+                          scikit-learn, SciPy and IPython): 3-5 of its 13-14 s on a 2-core CPU,
                           paid by every process, though this package uses only tf.data,
                           tf.io and tf.summary. This value points TF at the `tf_keras`
                           package instead, which is not installed, so TF skips the import;

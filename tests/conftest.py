@@ -9,7 +9,7 @@ import os
 
 from bigbigan_jax import environment
 
-# As the entry points: quiet TF start-up, and no Keras import (5 s a process, subprocesses too).
+# As the entry points: quiet TF start-up, and no Keras import (3-5 s a process, subprocesses too).
 environment.set_entry_point_defaults()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -47,14 +47,15 @@ def _damage(step_dir: pathlib.Path, how: str):
 # What the single-host tests run: configs/tiny.py:lifecycle, whose step traces and loads in
 # about half the tiny BigBiGAN's time (what is tested is the run's life, not the step).
 STEPS = 12
-FLAGS = (f"--config.num_train_steps={STEPS}", "--config.log_every_steps=4",
-         "--config.sample_every_steps=1000")
+# One set of overrides for the in-process runs and the entry point's processes: their final
+# params are compared bit for bit.
+RUN = {"num_train_steps": STEPS, "log_every_steps": 4, "sample_every_steps": 1000}
+FLAGS = tuple(f"--config.{key}={value}" for key, value in RUN.items())
 
 
 def _config(**overrides):
-  """The config the entry point's FLAGS give (and `overrides`)."""
-  return tiny("lifecycle", num_train_steps=STEPS, log_every_steps=4, sample_every_steps=1000,
-              **overrides)
+  """The config FLAGS give the entry point (and `overrides`)."""
+  return tiny("lifecycle", **RUN, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -65,9 +65,10 @@ def _flatten(d, prefix=""):
 # shape, which for the many small arrays of a GAN's state costs far more than it saves: the
 # tiny config's state (575 arrays, all under 1 MiB) on 8 CPU devices took 57 s to save the
 # first time in a process and 3.4 s before each later save could go asynchronous, against
-# 0.4-0.9 s with each small array written whole by its first replica. Arrays whose slices would
-# still be this large keep the split.
+# 0.8 s and 0.2-0.7 s with each small array written whole by its first replica. Arrays whose
+# slices would still be this large keep the split.
 MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 4 * 2**20
+_ARRAY_HANDLER_SET = False
 
 
 def _use_array_handler():
@@ -82,9 +83,6 @@ def _use_array_handler():
       # The default handler's per-array metadata (shardings) is kept as it was.
       array_metadata_store=getattr(current, "_array_metadata_store", None)), override=True)
   _ARRAY_HANDLER_SET = True
-
-
-_ARRAY_HANDLER_SET = False
 
 
 def _manager(workdir: str, *, keep: int = 1, every: int = 1, async_save: bool = True,
