@@ -1,8 +1,17 @@
-"""The tiny configs' numbers after 3 train steps, recorded before the package was restructured.
+"""The tiny configs' numbers after 3 train steps: a change to them is a change to the math.
 
 A refactor of the step (objectives, layout, helpers) must not change what training computes:
-these checksums were taken from the code as it stood before, and any change to them is a
-change to the math, to be explained in the commit that makes it, not absorbed.
+any change to these checksums is to be explained in the commit that makes it, not absorbed.
+
+History. They were first recorded (c32b3e1) before the package was restructured, with Adam's
+eps at 1e-8, and held at 1e-6 through the restructure. On another CPU model (an AMD EPYC host
+instead of the Intel one they were recorded on) the same code gave sums that differ by up to
+1.2e-3: XLA:CPU's code, and so its rounding, depends on the CPU, and with eps = 1e-8 Adam turns
+rounding-level gradients into whole steps of ±lr. With eps = 1e-4 (as the other cross-layout
+tests use) the spread between two compiles of the same step (XLA's optimisations on and off, a
+stand-in for another CPU) falls to at most 7.2e-5, while G's learning rate 10% off still moves
+G's sums by 1.5e-3 and more. So they were recorded again at eps = 1e-4, from 8a30649 (the code
+the first record pinned), and are compared at an absolute 3e-4.
 """
 
 import numpy as np
@@ -12,24 +21,26 @@ from train_steps import run_steps
 
 pytestmark = pytest.mark.slow  # three train steps of each model kind.
 
+EPS = 1e-4
+TOLERANCE = 3e-4
 # {tree: (sum |w|, sum w², w · r)} of params, G's EMA and the non-trained state (σ estimates,
 # BN statistics) after 3 steps from PRNGKey(0) on seeded batches, on 1 CPU device.
 RECORDED = {
     "bigbigan": {
-        "ema": (1604.6232566662825, 309.54544128454495, -7.941381669392545),
-        "params/discriminator": (1474.8001141587774, 225.9640964967914, 6.348224374280182),
-        "params/encoder": (4064.4326340554962, 1134.8379400671051, 18.665088398776465),
-        "params/generator": (1604.6214873944118, 309.5434041538949, -7.9462648523075705),
-        "state/discriminator": (76.9017402241443, 41.947346176476636, -5.5543764930367345),
-        "state/encoder": (484.1189986752579, 394.43290962741526, -14.634826614834035),
-        "state/generator": (230.44703026117713, 151.04174870656226, -13.880299542076076),
+        "ema": (1604.6274795749816, 309.54943550167764, -7.9438945440805915),
+        "params/discriminator": (1474.7997773052202, 225.9675824286482, 6.336594802384127),
+        "params/encoder": (4064.4563276293848, 1134.8422866528135, 18.68805653104333),
+        "params/generator": (1604.6293010017876, 309.54868713969245, -7.948206444482409),
+        "state/discriminator": (76.89986601428245, 41.95406805907613, -5.571220111654491),
+        "state/encoder": (484.1186725515872, 394.43198034189203, -14.637463404750042),
+        "state/generator": (230.44769748400722, 151.04247483059876, -13.880067044947928),
     },
     "biggan": {
-        "ema": (1619.5161934338485, 312.9985971429762, -1.9619895400556482),
-        "params/discriminator": (1300.6728782564023, 178.0695699279417, 15.514400784167812),
-        "params/generator": (1619.518810015275, 312.9978347828866, -1.9591504462053746),
-        "state/discriminator": (60.64107287151273, 32.11428132937178, -8.881031787021449),
-        "state/generator": (226.77974338987406, 146.41897216695514, -13.386778468687947),
+        "ema": (1619.5155094903723, 313.00158302896585, -1.9649167587262744),
+        "params/discriminator": (1300.6833299187565, 178.0727562525071, 15.508200069499434),
+        "params/generator": (1619.520412281222, 313.0022145329899, -1.9626211991553064),
+        "state/discriminator": (60.644627138157375, 32.11640878345785, -8.893498773650304),
+        "state/generator": (226.7799398497482, 146.41956653194646, -13.387167655550714),
     },
 }
 
@@ -52,8 +63,9 @@ def checksums(state) -> dict:
 @pytest.mark.parametrize("variant", sorted(RECORDED))
 def test_three_steps_match_the_recorded_checksums(variant, load_config):
   config = load_config(f"tiny.py:{variant}")
+  config.optim.eps = EPS
   state = run_steps(config, num_steps=3)
   got = checksums(state)
   assert set(got) == set(RECORDED[variant])
   for name, expected in RECORDED[variant].items():
-    np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(got[name], expected, rtol=0, atol=TOLERANCE, err_msg=name)

@@ -74,7 +74,9 @@ def test_two_processes_match_one_process(tmp_path, uninterrupted):
          jax.tree_util.tree_leaves_with_path(jax.device_get(prepared.resumed_state.params))}
   assert sorted(two) == sorted(one.files) and len(one.files) > 50
   for key in one.files:
-    np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    # 2 x 2 devices against 4 reduce in other orders: on an AMD EPYC host one weight of 176 in
+    # a layer differed by 3.7e-6 (2.4e-4 relative). One Adam update moves a weight by ~lr, 5e-5.
+    np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step_and_resumes_exactly(
