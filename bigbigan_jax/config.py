@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.unary_z = True
   c.loss.score_reduction = "mean"  # "mean" over the active scores (TF-Hub colab), or "sum".
   c.loss.ortho_beta = 1e-4  # Orthogonal regularisation of G's kernels; 0 turns it off.
+  # Not in the papers (0 = off): E also regresses z from G's samples, weighted by this
+  # (BiGAN's "latent regressor" baseline, added to the game). G gets no gradient from it.
+  c.loss.latent_regression = 0.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.g_lr = 5e-5
@@ -265,6 +268,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "loss.score_reduction", SCORE_REDUCTIONS)
   if config.loss.ortho_beta < 0 or not math.isfinite(config.loss.ortho_beta):
     _fail("loss.ortho_beta", config.loss.ortho_beta, "it must be a finite number >= 0")
+  if _non_negative(config, "loss.latent_regression", integer=False) and (
+      config.model.kind != "bigbigan"):
+    _fail("loss.latent_regression", config.loss.latent_regression,
+          "it trains E on G's samples, and model.kind='biggan' has no E: set it to 0")
   for field in ("g_lr", "e_lr", "d_lr", "eps"):
     _positive(config, f"optim.{field}", integer=False)
   for field in ("b1", "b2"):

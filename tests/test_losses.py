@@ -97,3 +97,56 @@ def test_orthogonal_regularizer_is_zero_for_orthogonal_kernels():
   q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(12, 5)))
   params = {"dense": {"kernel": jnp.asarray(q * 3.0, jnp.float32)}}  # Scale is not penalised.
   assert float(losses.orthogonal_regularizer(params, 1.0)) < 1e-8
+
+
+def test_latent_regression_adds_e_s_error_on_g_samples_and_no_gradient_to_g(load_config):
+  """loss.latent_regression = λ adds λ · mean((E(G(z))_mean - z)²) to the E/G loss, where
+  G(z) is resized to E's resolution; it trains E and sends G nothing."""
+  from bigbigan_jax.models import networks  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  config = load_config("tiny.py")
+  nets = networks.build(config.model)
+  state = state_lib.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
+  b, r, r_e = 4, nets.resolution, nets.encoder_resolution
+  assert r_e > r  # The resize is exercised.
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  fake_x = jax.random.uniform(keys[0], (b, r, r, 3), minval=-1, maxval=1)
+  z = jax.random.normal(keys[1], (b, nets.z_dim))
+  real = objectives.RealPairs(fake_x[::-1], z[::-1], {}, {})
+  score = lambda x, c: {s: jnp.sum(x, axis=(1, 2, 3)) * 0.01 + jnp.sum(c, -1) for s in losses.SCORES}
+
+  def eg_loss(weight, params, fake):
+    objective = objectives.BigBiGAN(nets, latent_regression=weight)
+    return objective.eg_loss(score, real, fake, z, params, state.model_state, keys[2])
+
+  plain, plain_terms = eg_loss(0.0, state.params, fake_x)
+  assert "latent_regression" not in plain_terms
+  with_term, terms = eg_loss(0.5, state.params, fake_x)
+  resized = jax.image.resize(fake_x, (b, r_e, r_e, 3), "cubic")
+  enc, _ = nets.encoder.apply({"params": state.params["encoder"], **state.model_state["encoder"]},
+                              resized, train=True, rngs={"noise": keys[2]},
+                              mutable=["batch_stats"])
+  by_hand = np.mean((np.asarray(enc["z_mean"]) - np.asarray(z)) ** 2)
+  np.testing.assert_allclose(terms["latent_regression"], by_hand, rtol=1e-5)
+  np.testing.assert_allclose(with_term, plain + 0.5 * by_hand, rtol=1e-5)
+
+  # Through G's samples, the gradient is the plain loss's: G learns nothing from the term.
+  g_plain = jax.grad(lambda f: eg_loss(0.0, state.params, f)[0])(fake_x)
+  g_with = jax.grad(lambda f: eg_loss(0.5, state.params, f)[0])(fake_x)
+  np.testing.assert_array_equal(g_with, g_plain)
+  # E does learn from it.
+  e_grad = jax.grad(lambda p: eg_loss(0.5, {**state.params, "encoder": p}, fake_x)[0]
+                    - eg_loss(0.0, {**state.params, "encoder": p}, fake_x)[0])(
+                        state.params["encoder"])
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(e_grad)) > 0
+
+
+def test_latent_regression_is_refused_for_biggan(load_config):
+  from bigbigan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  config = load_config("tiny.py:biggan")
+  config.loss.latent_regression = 1.0
+  with pytest.raises(ValueError, match="loss.latent_regression.*has no E"):
+    config_lib.validate(config)

@@ -58,6 +58,7 @@ class BigBiGAN:
   unary_x: bool = True
   unary_z: bool = True
   reduction: str = "mean"
+  latent_regression: float = 0.0
 
   eg_networks = (G, E)  # What the E/G update trains.
   console_keys = ("d_loss", "eg_loss", "d_accuracy", "e_loss", "g_loss")
@@ -87,13 +88,33 @@ class BigBiGAN:
     accuracy = _accuracy(real_scores["s_xz"], fake_scores["s_xz"])
     return loss, {"d_loss": loss, "d_accuracy": accuracy, **terms, **scores}
 
-  def eg_loss(self, score: Score, real: RealPairs, fake_x, fake_c):
-    """E lowers its pairs' scores, G raises its own: both pairs go through D at once."""
+  def eg_loss(self, score: Score, real: RealPairs, fake_x, fake_c, params, model_state, key):
+    """E lowers its pairs' scores, G raises its own: both pairs go through D at once.
+
+    With `latent_regression` > 0, E also learns to recover z from G's samples:
+    + λ · mean((E(G(z))_mean - z)²), through E alone (G's samples are held fixed).
+    """
     scores = score(jnp.concatenate([real.x, fake_x]), jnp.concatenate([real.c, fake_c]))
     loss, terms = losses.bigbigan_eg_loss(
         *split_scores(scores, fake_x.shape[0]), unary_x=self.unary_x, unary_z=self.unary_z,
         reduction=self.reduction)
+    if self.latent_regression:
+      regression = self._latent_regression(params, model_state, fake_x, fake_c, key)
+      loss = loss + self.latent_regression * regression
+      terms["latent_regression"] = regression
     return loss, {**terms, **real.metrics}
+
+  def _latent_regression(self, params, model_state, fake_x, z, key):
+    """mean((E(G(z))_mean - z)²), E in training mode on the samples (its statistics update is
+    dropped: the real pairs make it). Samples are resized bicubically to E's resolution, as
+    the input pipeline resizes real images."""
+    x = jax.lax.stop_gradient(fake_x)
+    r = self.nets.encoder_resolution
+    if x.shape[1] != r:
+      x = jax.image.resize(x, (x.shape[0], r, r, x.shape[3]), "cubic")
+    enc, _ = self.nets.encoder.apply({"params": params[E], **model_state[E]}, x, train=True,
+                                     rngs={"noise": key}, mutable=["batch_stats"])
+    return jnp.mean(jnp.square(enc["z_mean"] - z))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +142,9 @@ class BigGAN:
     return loss, {"d_loss": loss, "d_accuracy": _accuracy(real_scores, fake_scores),
                   "score/real": jnp.mean(real_scores), "score/fake": jnp.mean(fake_scores)}
 
-  def eg_loss(self, score: Score, real: RealPairs, fake_x, fake_c):
+  def eg_loss(self, score: Score, real: RealPairs, fake_x, fake_c, params, model_state, key):
     """G raises its samples' scores; D need not see the real pairs."""
-    del real
+    del real, params, model_state, key
     loss = losses.g_hinge(score(fake_x, fake_c))
     return loss, {"g_loss": loss}
 
@@ -135,7 +156,8 @@ def build(nets: networks.Networks, loss: ml_collections.ConfigDict) -> Objective
   """The objective of the networks' model kind, with `config.loss`'s switches."""
   if nets.encoder is not None:
     return BigBiGAN(nets, unary_x=loss.unary_x, unary_z=loss.unary_z,
-                    reduction=loss.score_reduction)
+                    reduction=loss.score_reduction,
+                    latent_regression=float(loss.latent_regression))
   return BigGAN(nets)
 
 

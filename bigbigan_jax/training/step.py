@@ -97,6 +97,7 @@ def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Netwo
 
   # --- E/G update. ----------------------------------------------------------------------
   latent_key, noise_key = jax.random.split(jax.random.fold_in(step_key, 1))
+  regression_key = jax.random.fold_in(step_key, 2)
   z, fake_labels = sample_latents(latent_key, nets, batch_size)
   images, labels = batch["image"][-1], batch["label"][-1]
   d_vars = {"params": d_params, **d_state}
@@ -108,7 +109,8 @@ def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Netwo
                                          fake_labels, train=True,
                                          mutable=["spectral", "batch_stats"])
     real = objective.real_pairs(params, state.model_state, images, labels, noise_key)
-    loss, terms = objective.eg_loss(score, real, fake, objective.fake_condition(z, fake_labels))
+    loss, terms = objective.eg_loss(score, real, fake, objective.fake_condition(z, fake_labels),
+                                    params, state.model_state, regression_key)
     ortho = losses.orthogonal_regularizer(ge[G], config.loss.ortho_beta)
     return loss + ortho, ({"eg_loss": loss, "ortho_loss": ortho, **terms},
                           {G: g_state, **real.new_state})
