@@ -84,8 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.score_reduction = "mean"  # "mean" over the active scores (TF-Hub colab), or "sum".
   c.loss.ortho_beta = 1e-4  # Orthogonal regularisation of G's kernels; 0 turns it off.
   # Not in the papers (0 = off): E also regresses z from G's samples, weighted by this
-  # (BiGAN's "latent regressor" baseline, added to the game). G gets no gradient from it.
+  # (BiGAN's "latent regressor" baseline, added to the game). G gets no gradient from it
+  # unless latent_regression_trains_g (then G is also pushed to keep z recoverable).
   c.loss.latent_regression = 0.0
+  c.loss.latent_regression_trains_g = False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.g_lr = 5e-5
@@ -272,6 +274,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.model.kind != "bigbigan"):
     _fail("loss.latent_regression", config.loss.latent_regression,
           "it trains E on G's samples, and model.kind='biggan' has no E: set it to 0")
+  if not isinstance(config.loss.latent_regression_trains_g, bool):
+    _fail("loss.latent_regression_trains_g", config.loss.latent_regression_trains_g,
+          "it must be True or False")
   for field in ("g_lr", "e_lr", "d_lr", "eps"):
     _positive(config, f"optim.{field}", integer=False)
   for field in ("b1", "b2"):

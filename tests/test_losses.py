@@ -101,7 +101,8 @@ def test_orthogonal_regularizer_is_zero_for_orthogonal_kernels():
 
 def test_latent_regression_adds_e_s_error_on_g_samples_and_no_gradient_to_g(load_config):
   """loss.latent_regression = λ adds λ · mean((E(G(z))_mean - z)²) to the E/G loss, where
-  G(z) is resized to E's resolution; it trains E and sends G nothing."""
+  G(z) is resized to E's resolution; it trains E and sends G nothing, unless
+  loss.latent_regression_trains_g."""
   from bigbigan_jax.models import networks  # pylint: disable=g-import-not-at-top
   from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
   from bigbigan_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -117,8 +118,9 @@ def test_latent_regression_adds_e_s_error_on_g_samples_and_no_gradient_to_g(load
   real = objectives.RealPairs(fake_x[::-1], z[::-1], {}, {})
   score = lambda x, c: {s: jnp.sum(x, axis=(1, 2, 3)) * 0.01 + jnp.sum(c, -1) for s in losses.SCORES}
 
-  def eg_loss(weight, params, fake):
-    objective = objectives.BigBiGAN(nets, latent_regression=weight)
+  def eg_loss(weight, params, fake, trains_g=False):
+    objective = objectives.BigBiGAN(nets, latent_regression=weight,
+                                    latent_regression_trains_g=trains_g)
     return objective.eg_loss(score, real, fake, z, params, state.model_state, keys[2])
 
   plain, plain_terms = eg_loss(0.0, state.params, fake_x)
@@ -136,6 +138,9 @@ def test_latent_regression_adds_e_s_error_on_g_samples_and_no_gradient_to_g(load
   g_plain = jax.grad(lambda f: eg_loss(0.0, state.params, f)[0])(fake_x)
   g_with = jax.grad(lambda f: eg_loss(0.5, state.params, f)[0])(fake_x)
   np.testing.assert_array_equal(g_with, g_plain)
+  # Unless asked: then G's samples get the term's gradient as well.
+  g_trains = jax.grad(lambda f: eg_loss(0.5, state.params, f, trains_g=True)[0])(fake_x)
+  assert float(jnp.max(jnp.abs(g_trains - g_plain))) > 1e-6
   # E does learn from it.
   e_grad = jax.grad(lambda p: eg_loss(0.5, {**state.params, "encoder": p}, fake_x)[0]
                     - eg_loss(0.0, {**state.params, "encoder": p}, fake_x)[0])(

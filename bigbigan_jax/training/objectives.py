@@ -59,6 +59,7 @@ class BigBiGAN:
   unary_z: bool = True
   reduction: str = "mean"
   latent_regression: float = 0.0
+  latent_regression_trains_g: bool = False
 
   eg_networks = (G, E)  # What the E/G update trains.
   console_keys = ("d_loss", "eg_loss", "d_accuracy", "e_loss", "g_loss")
@@ -92,7 +93,8 @@ class BigBiGAN:
     """E lowers its pairs' scores, G raises its own: both pairs go through D at once.
 
     With `latent_regression` > 0, E also learns to recover z from G's samples:
-    + λ · mean((E(G(z))_mean - z)²), through E alone (G's samples are held fixed).
+    + λ · mean((E(G(z))_mean - z)²), through E alone (G's samples are held fixed) unless
+    `latent_regression_trains_g`.
     """
     scores = score(jnp.concatenate([real.x, fake_x]), jnp.concatenate([real.c, fake_c]))
     loss, terms = losses.bigbigan_eg_loss(
@@ -108,7 +110,7 @@ class BigBiGAN:
     """mean((E(G(z))_mean - z)²), E in training mode on the samples (its statistics update is
     dropped: the real pairs make it). Samples are resized bicubically to E's resolution, as
     the input pipeline resizes real images."""
-    x = jax.lax.stop_gradient(fake_x)
+    x = fake_x if self.latent_regression_trains_g else jax.lax.stop_gradient(fake_x)
     r = self.nets.encoder_resolution
     if x.shape[1] != r:
       x = jax.image.resize(x, (x.shape[0], r, r, x.shape[3]), "cubic")
@@ -157,7 +159,8 @@ def build(nets: networks.Networks, loss: ml_collections.ConfigDict) -> Objective
   if nets.encoder is not None:
     return BigBiGAN(nets, unary_x=loss.unary_x, unary_z=loss.unary_z,
                     reduction=loss.score_reduction,
-                    latent_regression=float(loss.latent_regression))
+                    latent_regression=float(loss.latent_regression),
+                    latent_regression_trains_g=loss.latent_regression_trains_g)
   return BigGAN(nets)
 
 
