@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 import tensorflow as tf
 
@@ -68,13 +69,12 @@ def from_state(nets: networks.Networks, state: Any, config: ml_collections.Confi
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """The steps of the complete checkpoints in `workdir`, ascending (orbax writes a step to a
-  temporary name and renames it when complete, so only whole ones have numeric names)."""
+  """The steps of the complete checkpoints in `workdir`, ascending (orbax's listing: a step
+  is written under a temporary name and renamed when complete, so partial ones are left out)."""
   directory = checkpoint_lib.checkpoint_dir(workdir)
   if not tf.io.gfile.isdir(directory):
     return []
-  names = (name.rstrip("/") for name in tf.io.gfile.listdir(directory))
-  return sorted(int(name) for name in names if name.isdigit())
+  return sorted(ocp.utils.checkpoint_steps(directory))
 
 
 def read_config(workdir: str, step: int | None = None

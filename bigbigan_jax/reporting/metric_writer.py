@@ -1,5 +1,15 @@
 """Where training reports go: the console (progress, rate, ETA) and TensorBoard event files
-in the workdir (scalars and image grids). Only process 0 writes."""
+in the workdir (scalars and image grids). Only process 0 writes.
+
+Why not clu's metric writers, which the flax examples use: `clu.metric_writers` imports
+tensorboard's hparams plugin, which subclasses `tf.keras.callbacks.Callback` at import. That
+needs TensorFlow's Keras, which the entry points skip (`environment.py`: 3-5 s of every
+process's start-up); with the skip in place the import fails outright ("Keras cannot be
+imported"). The writer below is the same `tf.summary` calls clu's `SummaryWriter` makes.
+clu's `ReportProgress` logs on a wall-clock period with the rate and ETA but no losses; the
+console line here has both, once per `log_every_steps`, and leaves compiles and evaluations
+out of the rate.
+"""
 
 from __future__ import annotations
 
