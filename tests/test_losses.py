@@ -116,7 +116,9 @@ def test_latent_regression_adds_e_s_error_on_g_samples_and_no_gradient_to_g(load
   fake_x = jax.random.uniform(keys[0], (b, r, r, 3), minval=-1, maxval=1)
   z = jax.random.normal(keys[1], (b, nets.z_dim))
   real = objectives.RealPairs(fake_x[::-1], z[::-1], {}, {})
-  score = lambda x, c: {s: jnp.sum(x, axis=(1, 2, 3)) * 0.01 + jnp.sum(c, -1) for s in losses.SCORES}
+  # A stand-in for D that depends on both elements of each pair.
+  score = lambda x, c: {s: jnp.sum(x, axis=(1, 2, 3)) * 0.01 + jnp.sum(c, -1)
+                        for s in losses.SCORES}
 
   def eg_loss(weight, params, fake, trains_g=False):
     objective = objectives.BigBiGAN(nets, latent_regression=weight,

@@ -1,7 +1,7 @@
 """Two hosts x 2 CPU devices (jax.distributed over gloo on localhost), each feeding its own
-half of the batch: they train to the same parameters as one host (this process, 8 devices); SIGTERM to
-one stops both after the same step, and the resumed run equals an uninterrupted one bit for
-bit; a host killed ends the other within the bound, with the message.
+half of the batch: they train to the same parameters as one host (this process, 8 devices);
+SIGTERM to one stops both after the same step, and the resumed run equals an uninterrupted
+one bit for bit; a host killed ends the other within the bound, with the message.
 
 One uninterrupted two-host run (a module fixture) serves as the reference of the first two
 tests: each two-host run costs minutes here, most of them start-up.
@@ -55,6 +55,12 @@ def uninterrupted(tmp_path_factory):
   return base / "run"
 
 
+def _by_path(params) -> dict:
+  """{"['generator']['linear']...": host array} of a params tree."""
+  return {jax.tree_util.keystr(path): np.asarray(x)
+          for path, x in jax.tree_util.tree_leaves_with_path(jax.device_get(params))}
+
+
 def test_two_processes_match_one_process(tmp_path, uninterrupted):
   # One process with this test process's 8 CPU devices, the same global batch: trained here,
   # which costs a trace and a compile rather than a process's start-up (imports, init).
@@ -64,8 +70,7 @@ def test_two_processes_match_one_process(tmp_path, uninterrupted):
                                      "optim.d_steps": 2})
   assert jax.device_count() == 8
   state = loop.train_and_evaluate(config, str(tmp_path / "one_host"))
-  one = {jax.tree_util.keystr(path): np.asarray(x) for path, x in
-         jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
+  one = _by_path(state.params)
   # The two hosts' parameters after step 2, read back from their checkpoint (the newest once
   # the later ones are left out of a copy).
   two_hosts = tmp_path / "two_hosts"
@@ -75,8 +80,7 @@ def test_two_processes_match_one_process(tmp_path, uninterrupted):
       shutil.rmtree(two_hosts / "checkpoints" / step)
   prepared = loop.prepare(config, str(two_hosts))
   assert prepared.resume_step == 2
-  two = {jax.tree_util.keystr(path): np.asarray(x) for path, x in
-         jax.tree_util.tree_leaves_with_path(jax.device_get(prepared.resumed_state.params))}
+  two = _by_path(prepared.resumed_state.params)
   assert sorted(two) == sorted(one) and len(one) > 50
   for key, value in one.items():
     # 2 x 2 devices against 8 reduce in other orders: on an AMD EPYC host one weight of 176
