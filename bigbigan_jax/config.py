@@ -88,6 +88,12 @@ def base_config() -> ml_collections.ConfigDict:
   # unless latent_regression_trains_g (then G is also pushed to keep z recoverable).
   c.loss.latent_regression = 0.0
   c.loss.latent_regression_trains_g = False
+  # Not in the papers (0 = off): E also learns to reconstruct real images through G,
+  # weighted by this: mean((G(E(x)) - x)²) at D's resolution (ALICE's explicit cycle
+  # consistency, Li et al. 2017). G's weights are held fixed in it, so G's game is unchanged,
+  # unless image_reconstruction_trains_g (then G also learns to draw x from E(x), as in ALICE).
+  c.loss.image_reconstruction = 0.0
+  c.loss.image_reconstruction_trains_g = False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.g_lr = 5e-5
@@ -274,9 +280,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.model.kind != "bigbigan"):
     _fail("loss.latent_regression", config.loss.latent_regression,
           "it trains E on G's samples, and model.kind='biggan' has no E: set it to 0")
-  if not isinstance(config.loss.latent_regression_trains_g, bool):
-    _fail("loss.latent_regression_trains_g", config.loss.latent_regression_trains_g,
-          "it must be True or False")
+  if _non_negative(config, "loss.image_reconstruction", integer=False) and (
+      config.model.kind != "bigbigan"):
+    _fail("loss.image_reconstruction", config.loss.image_reconstruction,
+          "it trains E to invert G, and model.kind='biggan' has no E: set it to 0")
+  for field in ("latent_regression_trains_g", "image_reconstruction_trains_g"):
+    if not isinstance(config.loss[field], bool):
+      _fail(f"loss.{field}", config.loss[field], "it must be True or False")
   for field in ("g_lr", "e_lr", "d_lr", "eps"):
     _positive(config, f"optim.{field}", integer=False)
   for field in ("b1", "b2"):

@@ -150,10 +150,62 @@ def test_latent_regression_adds_e_s_error_on_g_samples_and_no_gradient_to_g(load
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(e_grad)) > 0
 
 
-def test_latent_regression_is_refused_for_biggan(load_config):
+def test_image_reconstruction_adds_g_of_e_error_and_trains_e_alone(load_config):
+  """loss.image_reconstruction = λ adds λ · mean((G(E(x)) - x)²) to the E/G loss, G in
+  training mode on the real pairs' E(x) sample; its gradient reaches E(x) and neither G's
+  weights nor the images, unless loss.image_reconstruction_trains_g (then G's weights)."""
+  from bigbigan_jax.models import networks  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  config = load_config("tiny.py")
+  nets = networks.build(config.model)
+  state = state_lib.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
+  b, r = 4, nets.resolution
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  x = jax.random.uniform(keys[0], (b, r, r, 3), minval=-1, maxval=1)
+  z = jax.random.normal(keys[1], (b, nets.z_dim))
+  fake_x = jax.random.uniform(keys[2], (b, r, r, 3), minval=-1, maxval=1)
+  score = lambda xs, c: {s: jnp.sum(xs, axis=(1, 2, 3)) * 0.01 + jnp.sum(c, -1)
+                         for s in losses.SCORES}
+
+  def eg_loss(weight, params, x_real, e_of_x, trains_g=False):
+    objective = objectives.BigBiGAN(nets, image_reconstruction=weight,
+                                    image_reconstruction_trains_g=trains_g)
+    real = objectives.RealPairs(x_real, e_of_x, {}, {})
+    return objective.eg_loss(score, real, fake_x, z[::-1], params, state.model_state,
+                             keys[3])
+
+  plain, plain_terms = eg_loss(0.0, state.params, x, z)
+  assert "image_reconstruction" not in plain_terms
+  with_term, terms = eg_loss(0.5, state.params, x, z)
+  recon, _ = nets.generator.apply({"params": state.params["generator"],
+                                   **state.model_state["generator"]}, z, None, train=True,
+                                  mutable=["spectral", "batch_stats"])
+  by_hand = np.mean((np.asarray(recon) - np.asarray(x)) ** 2)
+  np.testing.assert_allclose(terms["image_reconstruction"], by_hand, rtol=1e-5)
+  np.testing.assert_allclose(with_term, plain + 0.5 * by_hand, rtol=1e-5)
+
+  # G's weights and the images get exactly the plain loss's gradient: the term trains E only.
+  def grad_of(weight, argnum):
+    return jax.grad(lambda *a: eg_loss(weight, *a)[0], argnums=argnum)(state.params, x, z)
+  g_plain, g_with = grad_of(0.0, 0)["generator"], grad_of(0.5, 0)["generator"]
+  for a, b_ in zip(jax.tree_util.tree_leaves(g_with), jax.tree_util.tree_leaves(g_plain)):
+    np.testing.assert_array_equal(a, b_)
+  np.testing.assert_array_equal(grad_of(0.5, 1), grad_of(0.0, 1))
+  # E(x) does get the term's gradient.
+  assert float(jnp.max(jnp.abs(grad_of(0.5, 2) - grad_of(0.0, 2)))) > 1e-6
+  # And G's weights do too when asked (image_reconstruction_trains_g).
+  g_trains = jax.grad(lambda p: eg_loss(0.5, p, x, z, trains_g=True)[0])(state.params)
+  assert max(float(jnp.max(jnp.abs(a - b_))) for a, b_ in zip(
+      jax.tree_util.tree_leaves(g_trains["generator"]), jax.tree_util.tree_leaves(g_plain))) > 1e-6
+
+
+@pytest.mark.parametrize("field", ["latent_regression", "image_reconstruction"])
+def test_e_only_terms_are_refused_for_biggan(load_config, field):
   from bigbigan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   config = load_config("tiny.py:biggan")
-  config.loss.latent_regression = 1.0
-  with pytest.raises(ValueError, match="loss.latent_regression.*has no E"):
+  config.loss[field] = 1.0
+  with pytest.raises(ValueError, match=f"loss.{field}.*has no E"):
     config_lib.validate(config)

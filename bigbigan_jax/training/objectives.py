@@ -60,6 +60,8 @@ class BigBiGAN:
   reduction: str = "mean"
   latent_regression: float = 0.0
   latent_regression_trains_g: bool = False
+  image_reconstruction: float = 0.0
+  image_reconstruction_trains_g: bool = False
 
   eg_networks = (G, E)  # What the E/G update trains.
   console_keys = ("d_loss", "eg_loss", "d_accuracy", "e_loss", "g_loss")
@@ -104,7 +106,23 @@ class BigBiGAN:
       regression = self._latent_regression(params, model_state, fake_x, fake_c, key)
       loss = loss + self.latent_regression * regression
       terms["latent_regression"] = regression
+    if self.image_reconstruction:
+      reconstruction = self._image_reconstruction(params, model_state, real)
+      loss = loss + self.image_reconstruction * reconstruction
+      terms["image_reconstruction"] = reconstruction
     return loss, {**terms, **real.metrics}
+
+  def _image_reconstruction(self, params, model_state, real: RealPairs):
+    """mean((G(E(x)) - x)²) at D's resolution, on the real pairs' E(x) sample, with G's
+    weights held fixed unless `image_reconstruction_trains_g` (G's statistics and
+    power-iteration updates are dropped)."""
+    g_params = params[G]
+    if not self.image_reconstruction_trains_g:
+      g_params = jax.lax.stop_gradient(g_params)
+    g_vars = {"params": g_params, **model_state[G]}
+    recon, _ = self.nets.generator.apply(g_vars, real.c, None, train=True,
+                                         mutable=["spectral", "batch_stats"])
+    return jnp.mean(jnp.square(recon - jax.lax.stop_gradient(real.x)))
 
   def _latent_regression(self, params, model_state, fake_x, z, key):
     """mean((E(G(z))_mean - z)²), E in training mode on the samples (its statistics update is
@@ -160,7 +178,9 @@ def build(nets: networks.Networks, loss: ml_collections.ConfigDict) -> Objective
     return BigBiGAN(nets, unary_x=loss.unary_x, unary_z=loss.unary_z,
                     reduction=loss.score_reduction,
                     latent_regression=float(loss.latent_regression),
-                    latent_regression_trains_g=loss.latent_regression_trains_g)
+                    latent_regression_trains_g=loss.latent_regression_trains_g,
+                    image_reconstruction=float(loss.image_reconstruction),
+                    image_reconstruction_trains_g=loss.image_reconstruction_trains_g)
   return BigGAN(nets)
 
 
