@@ -81,7 +81,7 @@ def get_config(variant: str = "bigbigan"):
   config.ema.decay = 0.99  # Averages the last ~100 steps: a short run must not lag behind.
   config.ema.start_step = 100
 
-  # ~0.13 s a step on a 2-core CPU; 2,500 steps are about 53 passes over the 1,500 train
+  # ~0.14 s a step on a 2-core CPU; 2,500 steps are about 53 passes over the 1,500 train
   # digits (the IS passes 8 between 2,000 and 2,500: docs/experiments.md, round 5).
   config.batch_size = 32
   config.num_train_steps = 2_500
