@@ -46,8 +46,8 @@ def load_config():
 
 # The longest files first. pytest-xdist (--dist loadfile) hands each of its 2 workers a file
 # at a time in collection order, so a long file collected late (test_multihost, ~5 minutes of
-# process start-ups) would run on one worker after the other has finished everything else.
-# Longest-first keeps both busy to the end. Order within a file is unchanged.
+# process start-ups) can be left running on one worker while the other has nothing left to
+# do. Longest-first keeps both busy to the end. Order within a file is unchanged.
 LONGEST_FIRST = ("test_multihost.py", "test_faults.py", "test_train.py", "test_evaluators.py",
                  "test_aot.py")
 
