@@ -43,15 +43,3 @@ def load_config():
   """load_config("tiny.py:biggan") → the ConfigDict of configs/tiny.py's biggan variant."""
   return lambda name: config_lib.load(str(CONFIGS / name))
 
-
-# The longest files first. pytest-xdist (--dist loadfile) hands each of its 2 workers a file
-# at a time in collection order, so a long file collected late (test_multihost, ~5 minutes of
-# process start-ups) can be left running on one worker while the other has nothing left to
-# do. Longest-first keeps both busy to the end. Order within a file is unchanged.
-LONGEST_FIRST = ("test_multihost.py", "test_faults.py", "test_train.py", "test_evaluators.py",
-                 "test_aot.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: files stay whole.
