@@ -250,8 +250,11 @@ def test_train_then_eval_mode_end_to_end(tmp_path):
   # training: the evaluators are seeded, not stateful.
   for key, value in trained["results"].items():
     assert printed[key] == pytest.approx(value, abs=1e-6), key
-  for name in ("pixels", "random_encoder/avepool_feat", "random_encoder/bn_crelu_feat"):
-    assert 0.0 <= printed[f"probe/{name}/top1"] <= printed[f"probe/{name}/top5"] <= 1.0
+  # probe_baselines adds the pixel and random-E probes (pinned in test_linear_probe.py).
+  baselines = {f"probe/{name}/{k}" for name in ("pixels", "random_encoder/avepool_feat",
+                                                 "random_encoder/bn_crelu_feat")
+               for k in ("top1", "top5", "train_top1")}
+  assert baselines <= set(printed) and not baselines & set(trained["results"])
   tags = {value.tag for name in os.listdir(workdir / "tensorboard")
           for event in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / name))
           for value in event.summary.value}
