@@ -276,14 +276,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of(config, "loss.score_reduction", SCORE_REDUCTIONS)
   if config.loss.ortho_beta < 0 or not math.isfinite(config.loss.ortho_beta):
     _fail("loss.ortho_beta", config.loss.ortho_beta, "it must be a finite number >= 0")
-  if _non_negative(config, "loss.latent_regression", integer=False) and (
-      config.model.kind != "bigbigan"):
-    _fail("loss.latent_regression", config.loss.latent_regression,
-          "it trains E on G's samples, and model.kind='biggan' has no E: set it to 0")
-  if _non_negative(config, "loss.image_reconstruction", integer=False) and (
-      config.model.kind != "bigbigan"):
-    _fail("loss.image_reconstruction", config.loss.image_reconstruction,
-          "it trains E to invert G, and model.kind='biggan' has no E: set it to 0")
+  for field, what in (("latent_regression", "trains E on G's samples"),
+                      ("image_reconstruction", "trains E to invert G")):
+    if _non_negative(config, f"loss.{field}", integer=False) and (
+        config.model.kind != "bigbigan"):
+      _fail(f"loss.{field}", config.loss[field],
+            f"it {what}, and model.kind='biggan' has no E: set it to 0")
   for field in ("latent_regression_trains_g", "image_reconstruction_trains_g"):
     if not isinstance(config.loss[field], bool):
       _fail(f"loss.{field}", config.loss[field], "it must be True or False")

@@ -42,4 +42,3 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 def load_config():
   """load_config("tiny.py:biggan") → the ConfigDict of configs/tiny.py's biggan variant."""
   return lambda name: config_lib.load(str(CONFIGS / name))
-

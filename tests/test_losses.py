@@ -186,19 +186,22 @@ def test_image_reconstruction_adds_g_of_e_error_and_trains_e_alone(load_config):
   np.testing.assert_allclose(terms["image_reconstruction"], by_hand, rtol=1e-5)
   np.testing.assert_allclose(with_term, plain + 0.5 * by_hand, rtol=1e-5)
 
+  # Gradients with respect to (params, images, E(x)), without and with the term.
+  def grads(weight, trains_g=False):
+    return jax.grad(lambda *a: eg_loss(weight, *a, trains_g=trains_g)[0],
+                    argnums=(0, 1, 2))(state.params, x, z)
+  (p_plain, x_plain, z_plain), (p_with, x_with, z_with) = grads(0.0), grads(0.5)
   # G's weights and the images get exactly the plain loss's gradient: the term trains E only.
-  def grad_of(weight, argnum):
-    return jax.grad(lambda *a: eg_loss(weight, *a)[0], argnums=argnum)(state.params, x, z)
-  g_plain, g_with = grad_of(0.0, 0)["generator"], grad_of(0.5, 0)["generator"]
-  for a, b_ in zip(jax.tree_util.tree_leaves(g_with), jax.tree_util.tree_leaves(g_plain)):
+  leaves = jax.tree_util.tree_leaves
+  for a, b_ in zip(leaves(p_with["generator"]), leaves(p_plain["generator"])):
     np.testing.assert_array_equal(a, b_)
-  np.testing.assert_array_equal(grad_of(0.5, 1), grad_of(0.0, 1))
+  np.testing.assert_array_equal(x_with, x_plain)
   # E(x) does get the term's gradient.
-  assert float(jnp.max(jnp.abs(grad_of(0.5, 2) - grad_of(0.0, 2)))) > 1e-6
+  assert float(jnp.max(jnp.abs(z_with - z_plain))) > 1e-6
   # And G's weights do too when asked (image_reconstruction_trains_g).
-  g_trains = jax.grad(lambda p: eg_loss(0.5, p, x, z, trains_g=True)[0])(state.params)
+  p_trains = grads(0.5, trains_g=True)[0]
   assert max(float(jnp.max(jnp.abs(a - b_))) for a, b_ in zip(
-      jax.tree_util.tree_leaves(g_trains["generator"]), jax.tree_util.tree_leaves(g_plain))) > 1e-6
+      leaves(p_trains["generator"]), leaves(p_plain["generator"]))) > 1e-6
 
 
 @pytest.mark.parametrize("field", ["latent_regression", "image_reconstruction"])
