@@ -131,6 +131,25 @@ def state_sharding(mesh: Mesh, abstract_state, shard_params: bool = False):
   return jax.tree_util.tree_map(leaf, abstract_state)
 
 
+def sum_of_shares(fn: Callable, mesh: Mesh | None, *args) -> jax.Array:
+  """Σ over the data axis's devices of fn(*args, part=i, parts=n): batch-independent work
+  split across the replicas instead of repeated by each (inside jit).
+
+  `fn(*args, part=, parts=)` returns device `part`'s share (of `parts`) of a scalar whose
+  shares add up to the whole; `args` are replicated. Each device computes its share and the
+  shares are summed across devices (its gradient too: autodiff sums the cotangents). On one
+  device, or with no mesh, it is fn(*args, part=0, parts=1).
+  """
+  n = 1 if mesh is None else data_size(mesh)
+  if n == 1:
+    return fn(*args, part=0, parts=1)
+
+  def share(*local_args):
+    return jax.lax.psum(fn(*local_args, part=jax.lax.axis_index(DATA), parts=n), DATA)
+
+  return jax.shard_map(share, mesh=mesh, in_specs=P(), out_specs=P())(*args)
+
+
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
   """Raises a ValueError that names the fix when the batch cannot be split evenly."""
   n = mesh.devices.size

@@ -68,8 +68,11 @@ def test_conv_and_dense_counts_by_hand():
   # u·Wᵀ, v·W and v·W·uᵀ, 2·36·16 FLOPs each.
   assert count.sn_kernels == [(36, 16)]
   assert count.sn_flops == 3 * 2 * 36 * 16
-  # The orthogonal regulariser's Gram matrices WᵀW: (16, 36)@(36, 16) and (5, 10)@(10, 5).
+  # The orthogonal regulariser's Gram matrices WᵀW: (16, 36)@(36, 16) and (5, 10)@(10, 5);
+  # for a kernel wider than its fan-in, WWᵀ: (3, 8)@(8, 3).
   assert count.ortho_flops == 2 * 36 * 16 * 16 + 2 * 10 * 5 * 5
+  count.dense(3, 8, spectral=False)
+  assert count.ortho_flops == 2 * 36 * 16 * 16 + 2 * 10 * 5 * 5 + 2 * 3 * 8 * 3
   # BigGAN attention on 8x8x16: θφᵀ is (64 x 2)@(2 x 16), βg is (64 x 16)@(16 x 8).
   assert flops.attention_matmul_flops(1, 8, 16) == 2 * 64 * 16 * 2 + 2 * 64 * 16 * 8
 
@@ -108,7 +111,7 @@ def test_train_step_count_composes_the_networks(load_config):
   # input-gradient on 2B.
   assert count["model"] == pytest.approx(
       d_steps * (g * b + e * b + 3 * d * 2 * b) + 3 * g * b + 2 * e * b + 2 * d * 2 * b)
-  assert count["per_replica"] > 0
+  assert count["per_replica"] > 0 and count["ortho"] > 0
   assert count["recompute"] == 0
   # remat reruns every residual block's forward wherever a backward pass goes through it.
   config.model.remat = True
@@ -160,7 +163,7 @@ def test_tiny_step_compiles_for_v4_8_and_fits(tiny_v4_8):
   assert f["compiled_global"] == pytest.approx(4 * f["compiled_per_device"])
   assert f["analytic_recompute_global"] == 0  # tiny has remat off.
   assert f["analytic_per_device"] == pytest.approx(
-      f["analytic_model_global"] / 4 + f["analytic_per_replica"])
+      (f["analytic_model_global"] + f["analytic_ortho_global"]) / 4 + f["analytic_per_replica"])
   # At 16 channels element-wise work (batch norm, activations, Adam) is a large share, which
   # the analytic count leaves out; at the paper's widths the two agree within 10%.
   assert 1.0 <= f["compiled_over_analytic"] < 2.0

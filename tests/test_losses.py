@@ -1,5 +1,7 @@
 """Losses against numbers computed by hand, signs included."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,6 +99,42 @@ def test_orthogonal_regularizer_is_zero_for_orthogonal_kernels():
   q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(12, 5)))
   params = {"dense": {"kernel": jnp.asarray(q * 3.0, jnp.float32)}}  # Scale is not penalised.
   assert float(losses.orthogonal_regularizer(params, 1.0)) < 1e-8
+
+
+def _direct_ortho(params, beta):
+  """‖WᵀW ⊙ (1 - I)‖² with the out x out Gram always formed, as BigGAN writes it."""
+  total = 0.0
+  for leaf in jax.tree_util.tree_leaves(params):
+    w = leaf.reshape(-1, leaf.shape[-1])
+    gram = w.T @ w
+    total = total + jnp.sum(jnp.square(gram * (1 - jnp.eye(gram.shape[0]))))
+  return beta * total
+
+
+def test_orthogonal_regularizer_wide_kernels_and_shares_keep_value_and_gradient():
+  """fan_in < out (G's first layer) takes the fan_in x fan_in Gram, and the shares of 8
+  devices (`sharding.sum_of_shares`, as the step splits it) add up to the same: value and
+  gradient equal the out x out Gram computed whole, for every layout (wide, tall, an output
+  count that 8 does not divide)."""
+  from bigbigan_jax import sharding  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  params = {"wide": {"kernel": rng.normal(size=(6, 40))},
+            "conv": {"kernel": rng.normal(size=(3, 3, 4, 16))},
+            "out": {"kernel": rng.normal(size=(3, 3, 4, 3))}}
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+  mesh = sharding.make_mesh((("data", -1),), jax.devices()[:8])
+  assert sharding.data_size(mesh) == 8
+  expected, expected_grad = jax.value_and_grad(_direct_ortho)(params, 1e-3)
+  # Each share alone is a part of the whole, not all of it.
+  share = losses.orthogonal_regularizer(params, 1e-3, part=3, parts=8)
+  assert 0 < share < 0.5 * expected
+  for split_over in (None, mesh):
+    value, grad = jax.jit(jax.value_and_grad(lambda p, m=split_over: sharding.sum_of_shares(
+        functools.partial(losses.orthogonal_regularizer, beta=1e-3), m, p)))(params)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    for name in params:
+      np.testing.assert_allclose(grad[name]["kernel"], expected_grad[name]["kernel"],
+                                 rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_latent_regression_adds_e_s_error_on_g_samples_and_no_gradient_to_g(load_config):

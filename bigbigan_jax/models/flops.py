@@ -11,10 +11,12 @@ What a reader can check against a compiled program (`bigbigan_jax.tools.aot`) or
     Not counted: element-wise work (activations, batch norm, pooling, up-sampling, residual
     adds, the optimiser). It scales with activations, not with activations x channels, so at
     the paper's widths it is a few percent of the total; the compiled count includes it.
-  * Per-replica work, independent of the batch: spectral norm's power iteration (each call
-    computes u·Wᵀ, v·W and v·W·uᵀ on the (fan_in, out) kernel: 6·fan_in·out FLOPs, forward
-    only, since u and v carry no gradient) and the orthogonal regulariser on G (WᵀW of each
-    (fan_in, out) kernel: 2·fan_in·out² forward). Every data-parallel replica repeats it.
+  * Work independent of the batch: spectral norm's power iteration (each call computes
+    u·Wᵀ, v·W and v·W·uᵀ on the (fan_in, out) kernel: 6·fan_in·out FLOPs, forward only,
+    since u and v carry no gradient), which every data-parallel replica repeats, and the
+    orthogonal regulariser on G (the Gram of each (fan_in, out) kernel, WᵀW or, where
+    fan_in < out, WWᵀ: 2·fan_in·out·min(fan_in, out) forward), whose Gram columns the step
+    splits over the data axis, so that each of N devices does 1/N of it.
 
 One train step (`step_lib.train_step`), with f(·) a forward pass and backward = 2 x forward
 (gradient w.r.t. the layer's input and w.r.t. its weights) unless said otherwise:
@@ -113,8 +115,9 @@ class Count:
 
   @property
   def ortho_flops(self) -> float:
-    """Forward of the orthogonal regulariser's Gram matrices over `kernels`."""
-    return float(sum(2 * fan_in * out * out for fan_in, out in self.kernels))
+    """Forward of the orthogonal regulariser's Gram matrices over `kernels` (the smaller of
+    WᵀW and WWᵀ, as `losses.orthogonal_regularizer` forms them)."""
+    return float(sum(2 * fan_in * out * min(fan_in, out) for fan_in, out in self.kernels))
 
 
 def valid_taps(size: int, k: int, stride: int = 1) -> int:
@@ -263,9 +266,10 @@ def train_step(config: ml_collections.ConfigDict) -> dict:
     {"generator_forward", "encoder_forward", "discriminator_forward": per-example forward
     FLOPs; "model": the batch-proportional FLOPs of the whole step (global); "recompute":
     what `model.remat` adds to them (global; 0 without remat);
-    "per_replica": spectral norm and orthogonal regularisation, which every data-parallel
-    replica computes in full}. One device of N then runs about
-    (model + recompute) / N + per_replica.
+    "ortho": the orthogonal regulariser's forward and backward (global: the step splits it
+    over the data axis); "per_replica": spectral norm, which every data-parallel replica
+    computes in full}. One device of N then runs about
+    (model + recompute + ortho) / N + per_replica.
   """
   model, b, d_steps = config.model, config.batch_size, config.optim.d_steps
   g, d = generator(model), discriminator(model)
@@ -289,5 +293,6 @@ def train_step(config: ml_collections.ConfigDict) -> dict:
       "discriminator_forward": d.per_example,
       "model": model_flops,
       "recompute": recompute,
-      "per_replica": sn + ortho,
+      "ortho": ortho,
+      "per_replica": sn,
   }

@@ -15,8 +15,9 @@ Reported, per device unless said otherwise:
     total = arguments + outputs + temporaries - aliased, against the device's capacity.
   * FLOPs of one step from the compiled program (XLA's cost analysis is of the per-device
     SPMD program) against `bigbigan_jax.models.flops`' analytic count of what one device should run:
-    its share of the batch's work (with remat's recompute when model.remat is on) plus the
-    spectral-norm and orthogonal-regulariser work every replica repeats.
+    its share of the batch's work (with remat's recompute when model.remat is on) and of the
+    orthogonal regulariser (split over the data axis), plus the spectral-norm work every
+    replica repeats.
   * XLA's cost-model time for the step ("optimal_seconds") and the FLOP utilisation it
     implies against the chips' peak bf16 rate: model-FLOP utilisation counts the model's
     FLOPs once per slice (no recompute, no replicated work), hardware utilisation the
@@ -173,14 +174,16 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
   compiled_flops = float(cost.get("flops", 0.0))
   # What each device should execute: its share of the batch's work (remat's recompute
   # included) plus the batch-independent work every replica repeats.
-  analytic_per_device = (analytic["model"] + analytic["recompute"]) / n + analytic["per_replica"]
+  analytic_per_device = ((analytic["model"] + analytic["recompute"] + analytic["ortho"]) / n
+                         + analytic["per_replica"])
   # Useful work: the model's FLOPs counted once for the whole slice, no recompute.
-  model_per_device = (analytic["model"] + analytic["per_replica"]) / n
+  model_per_device = (analytic["model"] + analytic["ortho"] + analytic["per_replica"]) / n
   report["flops"] = {
       "compiled_per_device": compiled_flops,
       "compiled_global": compiled_flops * n,
       "analytic_model_global": analytic["model"],
       "analytic_recompute_global": analytic["recompute"],
+      "analytic_ortho_global": analytic["ortho"],
       "analytic_per_replica": analytic["per_replica"],
       "analytic_per_device": analytic_per_device,
       "model_per_device": model_per_device,
@@ -259,7 +262,8 @@ def format_report(report: dict, config_name: str) -> str:
     lines.append(
         f"  FLOPs/step  compiled {f['compiled_per_device']:.3g} per device "
         f"(x{r['devices']} = {f['compiled_global']:.3g}); analytic {f['analytic_per_device']:.3g}"
-        f" per device (model {f['analytic_model_global']:.3g}{recompute} global / "
+        f" per device (model {f['analytic_model_global']:.3g}{recompute} + orthogonal "
+        f"regulariser {f['analytic_ortho_global']:.3g} global / "
         f"{r['devices']} + {f['analytic_per_replica']:.3g} per replica); compiled/analytic "
         f"{f['compiled_over_analytic']:.2f}")
     c = r["cost_model"]

@@ -39,7 +39,7 @@ def sample_latents(key, nets: networks.Networks, batch: int):
 
 
 def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Networks,
-               config: ml_collections.ConfigDict):
+               config: ml_collections.ConfigDict, mesh=None):
   """One iteration: `d_steps` D updates, one E/G update, the EMA of G.
 
   What the two model kinds differ in (the pairs, the losses, who learns) is the objective's
@@ -50,6 +50,8 @@ def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Netwo
     batch: {"image": (d_steps, B, R_E, R_E, 3) in [-1, 1], "label": (d_steps, B)}: one real
       batch per D update; the E/G update reuses the last. B is the global batch.
     nets, config: static; bind them with functools.partial.
+    mesh: the device mesh the step runs on (static), or None: with several devices the
+      orthogonal regulariser is split over its data axis (`sharding.sum_of_shares`).
 
   Returns:
     (new state, metrics): metrics are float32 scalars: every loss term, mean scores on real
@@ -111,7 +113,9 @@ def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Netwo
     real = objective.real_pairs(params, state.model_state, images, labels, noise_key)
     loss, terms = objective.eg_loss(score, real, fake, objective.fake_condition(z, fake_labels),
                                     params, state.model_state, regression_key)
-    ortho = losses.orthogonal_regularizer(ge[G], config.loss.ortho_beta)
+    ortho = sharding_lib.sum_of_shares(
+        functools.partial(losses.orthogonal_regularizer, beta=config.loss.ortho_beta),
+        mesh, ge[G])
     return loss + ortho, ({"eg_loss": loss, "ortho_loss": ortho, **terms},
                           {G: g_state, **real.new_state})
 
@@ -156,7 +160,7 @@ def make_train_step(nets, config, mesh, abstract_state):
 
 @functools.lru_cache(maxsize=8)
 def _jit_step(nets, settings, mesh, state_sh, batch_sh):
-  return jax.jit(functools.partial(train_step, nets=nets, config=settings),
+  return jax.jit(functools.partial(train_step, nets=nets, config=settings, mesh=mesh),
                  in_shardings=(state_sh.tree, batch_sh.tree),
                  out_shardings=(state_sh.tree, sharding_lib.replicated(mesh)), donate_argnums=0)
 
