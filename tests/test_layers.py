@@ -141,6 +141,34 @@ def test_batch_moments_with_axis_name_equals_global():
   np.testing.assert_allclose(local(x), layers.batch_moments(x), rtol=1e-5)
 
 
+def test_batch_moments_one_pass_around_a_shift_matches_two_pass_in_float64():
+  """E[(x - s)²] - E[x - s]² in float32 against the float64 two-pass variance: exact to
+  float32 rounding when the shift is near the mean, even for a mean 1e4 standard deviations
+  away from 0 (where s = 0, the naive one-pass formula, loses every digit). Gradients equal
+  the two-pass formula's: s carries none."""
+  rng = np.random.default_rng(0)
+  x64 = rng.normal(1e4, 1.0, (64, 4, 4, 3)) * np.array([1.0, 0.5, 2.0])
+  x = jnp.asarray(x64, jnp.float32)
+  true_mean, true_var = x64.mean((0, 1, 2)), x64.var((0, 1, 2))
+  shift = jnp.asarray(true_mean + 3.0, jnp.float32)  # A running mean a few std off.
+  mean, var = layers.batch_moments(x, shift=shift)
+  np.testing.assert_allclose(mean, true_mean, rtol=1e-6)
+  np.testing.assert_allclose(var, true_var, rtol=1e-3)
+  _, naive_var = layers.batch_moments(x)
+  assert np.max(np.abs(np.asarray(naive_var) / true_var - 1)) > 1e-2  # Why the shift.
+
+  def two_pass(a):
+    m = jnp.mean(a, (0, 1, 2))
+    return jnp.mean(jnp.square(a - m), (0, 1, 2))
+
+  small = jnp.asarray(rng.normal(0.3, 1.0, (8, 2, 2, 3)), jnp.float32)
+  weights = jnp.asarray([1.0, -2.0, 0.5])
+  near = jnp.full((3,), 0.2)
+  grad = jax.grad(lambda a: jnp.sum(weights * layers.batch_moments(a, shift=near)[1]))(small)
+  expected = jax.grad(lambda a: jnp.sum(weights * two_pass(a)))(small)
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_attention_is_identity_at_init_and_matches_formula():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 16))
   attn = layers.SelfAttention(eps=1e-12)

@@ -162,23 +162,28 @@ class SNEmbed(nn.Module):
                            name="sn")(ids, update_stats=train)
 
 
-def batch_moments(x: jax.Array, axis_name: str | None = None):
+def batch_moments(x: jax.Array, axis_name: str | None = None, shift=None):
   """Per-channel mean and (biased) variance over every axis but the last, in float32.
 
   Under `jax.jit` with the batch sharded over a mesh, reducing the global array already gives
   global-batch statistics (XLA inserts the all-reduce). Inside `shard_map`/`pmap`, where each
-  device sees only its shard, pass the mapped `axis_name` to average over it. The variance is
-  taken around the global mean (two passes), which stays accurate for large activations.
+  device sees only its shard, pass the mapped `axis_name` to average over it.
+
+  Both moments come from one pass over x around a per-channel `shift` s (no gradient; 0 if
+  None): E[x - s] and E[(x - s)²], reduced together, and var = E[(x - s)²] - E[x - s]². The
+  variance around the batch mean would need a second pass and a second cross-device
+  reduction after the first. The difference loses float32 precision only when |mean - s| is
+  large against the standard deviation; batch norm passes its running mean as s
+  (`Standardize`), which tracks the batch mean.
   """
   x = x.astype(jnp.float32)
   axes = tuple(range(x.ndim - 1))
-  mean = jnp.mean(x, axes)
+  s = 0.0 if shift is None else jax.lax.stop_gradient(jnp.asarray(shift, jnp.float32))
+  centred = x - s
+  m1, m2 = jnp.mean(centred, axes), jnp.mean(jnp.square(centred), axes)
   if axis_name is not None:
-    mean = jax.lax.pmean(mean, axis_name)
-  var = jnp.mean(jnp.square(x - mean), axes)
-  if axis_name is not None:
-    var = jax.lax.pmean(var, axis_name)
-  return mean, var
+    m1, m2 = jax.lax.pmean((m1, m2), axis_name)
+  return s + m1, jnp.maximum(m2 - jnp.square(m1), 0.0)
 
 
 class Standardize(nn.Module):
@@ -199,7 +204,7 @@ class Standardize(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((channels,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((channels,), jnp.float32))
     if train:
-      mean, var = batch_moments(x, self.axis_name)
+      mean, var = batch_moments(x, self.axis_name, shift=ra_mean.value)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
