@@ -324,3 +324,17 @@ def test_create_and_delete_for_real(worker, tmp_path):
        "--version=tpu-ubuntu2204-base", "--spot", f"--zone={ZONE}"],
       ["compute", "tpus", "tpu-vm", "delete", NAME, "--quiet", f"--zone={ZONE}"],
   ]
+
+
+def test_gpu_benchmark_refuses_a_gpu_whose_peak_it_does_not_know(tmp_path):
+  """launch/gpu_benchmark.sh reads the bf16 peak from nvidia-smi's GPU name; for a GPU it has
+  no figure for, it stops before installing anything and names the variable to set."""
+  fake = tmp_path / "nvidia-smi"
+  fake.write_text("#!/bin/sh\necho 'Tesla T4'\n")
+  fake.chmod(0o755)
+  env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+  env.pop("PEAK_TFLOPS", None)
+  result = subprocess.run([BASH, str(LAUNCH / "gpu_benchmark.sh")], env=env,
+                          capture_output=True, text=True, timeout=30)
+  assert result.returncode == 2
+  assert "no bf16 peak known for GPU 'Tesla T4'; set PEAK_TFLOPS" in result.stderr

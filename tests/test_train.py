@@ -14,6 +14,7 @@ from train_steps import one_step
 
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import sharding
+from bigbigan_jax.models import flops
 from bigbigan_jax.models import networks
 from bigbigan_jax.tools import benchmark
 from bigbigan_jax.training import checkpoint as checkpoint_lib
@@ -211,6 +212,11 @@ def test_benchmark_reports_its_figures():
   assert result["compile_s"] > 0 and result["step_s"] > 0
   assert result["images_per_s"] == pytest.approx(8 * 2 / result["step_s"])
   assert result["peak_host_memory_mb"] > 100
+  count = flops.train_step(tiny("biggan"))
+  assert result["model_flops_per_step"] == count["model"] + count["ortho"] + count["per_replica"]
+  # 1 device at 1 TFLOP/s: the FLOPs of a step over its seconds, in units of 1e12.
+  assert benchmark.model_flops_utilisation(result, 1.0) == pytest.approx(
+      result["model_flops_per_step"] / result["step_s"] / 1e12)
 
 
 def test_biggan_pytorch_layout_follows_the_config_and_bad_input_is_named(tmp_path):

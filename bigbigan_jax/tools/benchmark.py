@@ -23,7 +23,7 @@ The input pipeline (decode, crop, bicubic resize, flip, exactly as training read
 host of `--hosts`, beside what that host must feed when a step takes `--step_ms`:
 
   python -m bigbigan_jax.tools.benchmark --config=configs/bigbigan_resnet50.py \
-      --input_pipeline --synthetic_jpegs=1000 --hosts=16 --step_ms=311
+      --input_pipeline --synthetic_jpegs=1000 --hosts=16 --step_ms=290
 
 reads 1,000 generated JPEGs of ImageNet's typical size (or `--config.data.source=folder
 --config.data.folder=DIR` for real ones) in batches of batch_size / hosts. A host must feed
@@ -49,6 +49,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from bigbigan_jax import environment
+from bigbigan_jax.models import flops as flops_lib
 from bigbigan_jax.training import state as state_lib
 from bigbigan_jax.training import step as step_lib
 
@@ -72,6 +73,9 @@ def define_flags():
                        "config.batch_size; this one reads batch_size / hosts per batch.")
   flags.DEFINE_float("step_ms", 0.0, "With --input_pipeline: a train step time (e.g. the AOT "
                      "report's) to compare the feed rate against; 0 leaves it out.")
+  flags.DEFINE_float("peak_tflops", 0.0, "The accelerator's peak TFLOP/s per device (bf16 "
+                     "dense, e.g. 989 for an H100 SXM): also print the model-FLOP utilisation "
+                     "of the step; 0 leaves it out.")
   flags.DEFINE_integer("synthetic_jpegs", 0, "With --input_pipeline: write this many JPEGs of "
                        "ImageNet's typical size (~500x375, quality 90) to a temporary folder "
                        "and read them (config.data.source='folder').")
@@ -118,12 +122,16 @@ def run(config, steps: int = 10, warmup: int = 2) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
+  # The model's FLOPs of one step, counted once for all devices (as tools.aot counts them).
+  analytic = flops_lib.train_step(config)
+  model_flops = analytic["model"] + analytic["ortho"] + analytic["per_replica"]
   return {
       "devices": jax.device_count(), "platform": jax.devices()[0].platform,
       "batch_size": config.batch_size, "d_steps": config.optim.d_steps,
       "init_s": init_s, "compile_s": compile_s, "step_s": step_s,
       "step_s_min": min(times), "step_s_max": max(times),
       "images_per_s": config.batch_size * config.optim.d_steps / step_s,
+      "model_flops_per_step": model_flops,
       "peak_host_memory_mb": peak_host_memory_mb(),
       "params": {name: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
                  for name, tree in state.params.items()},
@@ -232,6 +240,12 @@ def run_input_pipeline(config, steps: int = 10, warmup: int = 2, hosts: int = 1,
   return result
 
 
+def model_flops_utilisation(result: dict, peak_tflops: float) -> float:
+  """The model's FLOPs per second over `peak_tflops` x the devices that ran the step."""
+  return result["model_flops_per_step"] / result["step_s"] / (
+      peak_tflops * 1e12 * result["devices"])
+
+
 def _print_input_pipeline(result: dict) -> None:
   print(f"input pipeline: {result['source']} images, crop {result['augment']}, bicubic to "
         f"{result['resolution']}x{result['resolution']}, batches of {result['local_batch_size']}"
@@ -278,6 +292,8 @@ def main(argv):
     theirs = run_biggan_pytorch(spec, FLAGS.torch_python)
     result["biggan_pytorch"] = theirs
     result["ratio_to_biggan_pytorch"] = result["step_s"] / theirs["step_s"]
+  if FLAGS.peak_tflops > 0:
+    result["model_flops_utilisation"] = model_flops_utilisation(result, FLAGS.peak_tflops)
   if FLAGS.json:
     print(json.dumps(result))
     return
@@ -288,6 +304,10 @@ def main(argv):
   print(f"train step:            {result['step_s'] * 1e3:.1f} ms median "
         f"({result['step_s_min'] * 1e3:.1f}-{result['step_s_max'] * 1e3:.1f})")
   print(f"throughput:            {result['images_per_s']:.1f} real images/s")
+  if "model_flops_utilisation" in result:
+    print(f"utilisation:           {100 * result['model_flops_utilisation']:.1f}% model FLOPs "
+          f"({result['model_flops_per_step'] / 1e12:.3g} TFLOP a step) of {result['devices']}"
+          f" x {FLAGS.peak_tflops:g} TFLOP/s")
   print("parameters:            " + ", ".join(f"{name} {count:,}" for name, count in
                                               result["params"].items()))
   print(f"peak host memory:      {result['peak_host_memory_mb']:.0f} MiB")
