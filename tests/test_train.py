@@ -214,9 +214,11 @@ def test_benchmark_reports_its_figures():
   assert result["peak_host_memory_mb"] > 100
   count = flops.train_step(tiny("biggan"))
   assert result["model_flops_per_step"] == count["model"] + count["ortho"] + count["per_replica"]
-  # 1 device at 1 TFLOP/s: the FLOPs of a step over its seconds, in units of 1e12.
+  # At 1 TFLOP/s a device: the FLOPs of a step over its seconds, over 1e12 x the devices
+  # (the tests' 8 CPU devices: the benchmark spreads the batch over every local device).
+  assert result["devices"] == jax.device_count() == 8
   assert benchmark.model_flops_utilisation(result, 1.0) == pytest.approx(
-      result["model_flops_per_step"] / result["step_s"] / 1e12)
+      result["model_flops_per_step"] / result["step_s"] / 8e12)
 
 
 def test_biggan_pytorch_layout_follows_the_config_and_bad_input_is_named(tmp_path):
