@@ -33,3 +33,20 @@ def test_help_describes_the_flags(name):
   assert f"bigbigan_jax.{name}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
   expected = "--workdir" if name == "tools.sample" else "--config"
   assert expected in out.stdout
+
+
+def test_entry_point_environment_keeps_tensorflows_start_up_lines_quiet(tmp_path):
+  """With the entry points' environment, importing TensorFlow prints none of its C++ start-up
+  lines, which TF 2.21 prints whatever TF_CPP_MIN_LOG_LEVEL says; without it, it does."""
+  script = ("import sys\n"
+            "if sys.argv[1] == 'ours':\n"
+            "  from bigbigan_jax import environment\n"
+            "  environment.set_entry_point_defaults()\n"
+            "import tensorflow\n")
+  env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "2"}
+  run = lambda which: subprocess.run([sys.executable, "-c", script, which], env=env,
+                                     capture_output=True, text=True, timeout=300)
+  ours, plain = run("ours"), run("plain")
+  assert ours.returncode == 0 and plain.returncode == 0, ours.stderr[-2000:]
+  assert "oneDNN custom operations are on" in plain.stderr  # What the setting is for.
+  assert "oneDNN" not in ours.stderr and "InitializeLog" not in ours.stderr, ours.stderr
