@@ -112,6 +112,7 @@ def test_train_step_count_composes_the_networks(load_config):
   assert count["model"] == pytest.approx(
       d_steps * (g * b + e * b + 3 * d * 2 * b) + 3 * g * b + 2 * e * b + 2 * d * 2 * b)
   assert count["per_replica"] > 0 and count["ortho"] > 0
+  assert count["useful"] == count["model"] + count["ortho"] + count["per_replica"]
   assert count["recompute"] == 0
   # remat reruns every residual block's forward wherever a backward pass goes through it.
   config.model.remat = True

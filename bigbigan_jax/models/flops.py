@@ -268,7 +268,8 @@ def train_step(config: ml_collections.ConfigDict) -> dict:
     what `model.remat` adds to them (global; 0 without remat);
     "ortho": the orthogonal regulariser's forward and backward (global: the step splits it
     over the data axis); "per_replica": spectral norm, which every data-parallel replica
-    computes in full}. One device of N then runs about
+    computes in full; "useful": model + ortho + per_replica, the step's FLOPs counted once
+    for all devices, which utilisation figures divide by}. One device of N then runs about
     (model + recompute + ortho) / N + per_replica.
   """
   model, b, d_steps = config.model, config.batch_size, config.optim.d_steps
@@ -295,4 +296,5 @@ def train_step(config: ml_collections.ConfigDict) -> dict:
       "recompute": recompute,
       "ortho": ortho,
       "per_replica": sn,
+      "useful": model_flops + ortho + sn,
   }

@@ -177,7 +177,7 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
   analytic_per_device = ((analytic["model"] + analytic["recompute"] + analytic["ortho"]) / n
                          + analytic["per_replica"])
   # Useful work: the model's FLOPs counted once for the whole slice, no recompute.
-  model_per_device = (analytic["model"] + analytic["ortho"] + analytic["per_replica"]) / n
+  model_per_device = analytic["useful"] / n
   report["flops"] = {
       "compiled_per_device": compiled_flops,
       "compiled_global": compiled_flops * n,

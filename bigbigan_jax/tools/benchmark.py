@@ -122,16 +122,14 @@ def run(config, steps: int = 10, warmup: int = 2) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
-  # The model's FLOPs of one step, counted once for all devices (as tools.aot counts them).
-  analytic = flops_lib.train_step(config)
-  model_flops = analytic["model"] + analytic["ortho"] + analytic["per_replica"]
   return {
       "devices": jax.device_count(), "platform": jax.devices()[0].platform,
       "batch_size": config.batch_size, "d_steps": config.optim.d_steps,
       "init_s": init_s, "compile_s": compile_s, "step_s": step_s,
       "step_s_min": min(times), "step_s_max": max(times),
       "images_per_s": config.batch_size * config.optim.d_steps / step_s,
-      "model_flops_per_step": model_flops,
+      # The model's FLOPs of one step, counted once for all devices (as tools.aot counts them).
+      "model_flops_per_step": flops_lib.train_step(config)["useful"],
       "peak_host_memory_mb": peak_host_memory_mb(),
       "params": {name: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
                  for name, tree in state.params.items()},

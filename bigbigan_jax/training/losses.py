@@ -112,11 +112,12 @@ def orthogonal_regularizer(params, beta: float, part=0, parts: int = 1) -> jax.A
       whole = jnp.sum(jnp.square(w @ w.T)) - jnp.sum(jnp.square(column_norms))
       total = total + whole / parts
       continue
-    width = out // parts if out % parts == 0 else out
-    first = part * width if width < out else 0
+    split = out % parts == 0  # Else every part computes all of this Gram, and takes 1/parts.
+    width = out // parts if split else out
+    first = part * width if split else 0
     columns = jax.lax.dynamic_slice_in_dim(w, first, width, axis=1)
     gram = w.T @ columns  # (out, width): columns first.. of WᵀW.
     off_diagonal = jnp.arange(out)[:, None] != first + jnp.arange(width)[None, :]
     share = jnp.sum(jnp.square(jnp.where(off_diagonal, gram, 0.0)))
-    total = total + (share if width < out else share / parts)
+    total = total + (share if split else share / parts)
   return beta * total
