@@ -206,10 +206,10 @@ def test_upsample_is_nearest_neighbour():
                                 [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_matmul_grad_conv_equals_xla_conv_in_value_and_gradients(k):
-  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 6))
-  kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, 6, 5))
+@pytest.mark.parametrize("kh,kw", [(1, 1), (3, 3), (5, 5), (1, 3), (5, 3)])
+def test_matmul_grad_conv_equals_xla_conv_in_value_and_gradients(kh, kw):
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 7, 6))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (kh, kw, 6, 5))
   xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
   loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
