@@ -50,3 +50,36 @@ def test_entry_point_environment_keeps_tensorflows_start_up_lines_quiet(tmp_path
   assert ours.returncode == 0 and plain.returncode == 0, ours.stderr[-2000:]
   assert "oneDNN custom operations are on" in plain.stderr  # What the setting is for.
   assert "oneDNN" not in ours.stderr and "InitializeLog" not in ours.stderr, ours.stderr
+
+
+def test_entry_point_xla_flags_are_appended_and_a_users_own_setting_wins():
+  from bigbigan_jax import environment
+  ynn = "--xla_cpu_experimental_ynn_fusion_type"
+  assert environment.with_flag_defaults("", environment.XLA_CPU_FLAGS) == (
+      f"{ynn}=-individual_convolution")
+  assert environment.with_flag_defaults(
+      " --xla_force_host_platform_device_count=8 ", environment.XLA_CPU_FLAGS).split() == [
+          "--xla_force_host_platform_device_count=8", f"{ynn}=-individual_convolution"]
+  assert environment.with_flag_defaults(f"{ynn}=", environment.XLA_CPU_FLAGS) == f"{ynn}="
+
+
+@pytest.mark.slow
+def test_entry_point_environment_sends_convolutions_to_xlas_own_kernels(tmp_path):
+  """The entry points' XLA flag takes effect even set after `import jax` (as in main.py): the
+  compiled convolution is XLA's own, where without it YNNPACK takes it."""
+  script = ("import sys, jax, jax.numpy as jnp\n"
+            "if sys.argv[1] == 'ours':\n"
+            "  from bigbigan_jax import environment\n"
+            "  environment.set_entry_point_defaults()\n"
+            "conv = lambda x, w: jax.lax.conv_general_dilated(\n"
+            "    x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+            "hlo = jax.jit(conv).lower(jnp.zeros((8, 16, 16, 64)),\n"
+            "                          jnp.zeros((3, 3, 64, 64))).compile().as_text()\n"
+            "print('YNN' if '__ynn_fusion' in hlo else 'XLA', 'convolution(' in hlo)\n")
+  env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  run = lambda which: subprocess.run([sys.executable, "-c", script, which], env=env,
+                                     capture_output=True, text=True, timeout=300)
+  ours, plain = run("ours"), run("plain")
+  assert ours.returncode == 0 and plain.returncode == 0, ours.stderr[-2000:]
+  assert plain.stdout.split()[-2:] == ["YNN", "True"], plain.stdout
+  assert ours.stdout.split()[-2:] == ["XLA", "True"], ours.stdout
