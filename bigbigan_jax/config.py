@@ -28,6 +28,7 @@ TRUNCATIONS = ("resample", "scaled")
 SCORE_REDUCTIONS = ("mean", "sum")
 DTYPES = ("float32", "bfloat16")
 CONV_WEIGHT_GRADS = ("auto", "xla", "matmul")
+RESAMPLE_CONVS = ("auto", "fused", "separate")
 # Evaluators `config.evals` may name (bigbigan_jax/evaluation/evaluators.py): "linear_probe" (BigBiGAN
 # only: a linear classifier on E's frozen features), "fid" (FID and Inception Score of G),
 # "judge" (a small classifier trained on the real data scores reconstructions and samples).
@@ -58,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Kernel gradient of G's and D's convolutions: "xla", "matmul" (k² matmuls: ~5x faster on
   # XLA:CPU, the same numbers to float rounding) or "auto" (matmul on the CPU backend).
   c.model.conv_weight_grad = "auto"
+  # G's up-sampling + first conv of a block and D's conv + average pool: "fused" (each one
+  # convolution with 2.25x fewer FLOPs, the same values to float rounding), "separate", or
+  # "auto" (fused on the CPU backend).
+  c.model.resample_convs = "auto"
 
   c.model.encoder = ml_collections.ConfigDict()
   c.model.encoder.arch = "resnet_v2"
@@ -224,6 +229,7 @@ def validate_model(model: ml_collections.ConfigDict) -> None:
   _positive(c, "model.shared_dim")
   _one_of(c, "model.dtype", DTYPES)
   _one_of(c, "model.conv_weight_grad", CONV_WEIGHT_GRADS)
+  _one_of(c, "model.resample_convs", RESAMPLE_CONVS)
   chunks = num_g_blocks(res) + 1
   if model.z_dim % chunks:
     _fail("model.z_dim", model.z_dim,

@@ -240,3 +240,45 @@ def test_sn_conv_weight_grad_choice_keeps_params_and_values():
 def test_avg_pool_is_the_mean_of_each_2x2_window():
   x = jnp.arange(16.).reshape(1, 4, 4, 1)
   np.testing.assert_array_equal(layers.avg_pool2(x)[0, :, :, 0], [[2.5, 4.5], [10.5, 12.5]])
+
+
+def _conv3(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("mode", ["up", "down"])
+def test_fused_resampling_conv_equals_the_separate_ops_in_value_and_gradients(mode):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 6, 8, 5))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 5, 7))
+  if mode == "up":
+    fused, separate = layers.upsample_conv3x3, lambda x, w: _conv3(layers.upsample2(x), w)
+  else:
+    fused, separate = layers.conv3x3_avg_pool, lambda x, w: layers.avg_pool2(_conv3(x, w))
+  np.testing.assert_allclose(fused(x, kernel), separate(x, kernel), rtol=1e-5, atol=1e-5)
+  assert fused(x, kernel).shape == separate(x, kernel).shape
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+  got = jax.grad(loss(fused), argnums=(0, 1))(x, kernel)
+  want = jax.grad(loss(separate), argnums=(0, 1))(x, kernel)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_resampling_conv_rejects_what_it_cannot_compute():
+  with pytest.raises(ValueError, match="3x3 kernel"):
+    layers.upsample_conv3x3(jnp.ones((1, 4, 4, 2)), jnp.ones((5, 5, 2, 2)))
+  with pytest.raises(ValueError, match="even map"):
+    layers.conv3x3_avg_pool(jnp.ones((1, 5, 4, 2)), jnp.ones((3, 3, 2, 2)))
+
+
+@pytest.mark.parametrize("resample", ["up", "down"])
+def test_sn_conv_fused_resampling_keeps_params_and_values(resample):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+  separate = layers.SNConv(8, 3, resample=resample)
+  fused = layers.SNConv(8, 3, resample=resample, fused_resample=True)
+  v = separate.init(jax.random.PRNGKey(2), x, train=False)
+  v2 = fused.init(jax.random.PRNGKey(2), x, train=False)
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v2)
+  v = jax.tree_util.tree_map(lambda a: a + 0.1, v)  # A non-zero bias.
+  np.testing.assert_allclose(fused.apply(v, x, train=False), separate.apply(v, x, train=False),
+                             rtol=1e-5, atol=1e-5)

@@ -226,7 +226,8 @@ def test_new_model_fields_are_validated():
   for field, value, message in (("encoder.stem", "big", "model.encoder.stem"),
                                 ("joint.j_fx_pool", "max", "model.joint.j_fx_pool"),
                                 ("class_constant_stddev", -1.0, "model.class_constant_stddev"),
-                                ("conv_weight_grad", "fast", "model.conv_weight_grad")):
+                                ("conv_weight_grad", "fast", "model.conv_weight_grad"),
+                                ("resample_convs", "yes", "model.resample_convs")):
     bad = config_lib.load(str(CONFIGS / "tiny.py"))
     node = bad.model
     *path, last = field.split(".")
@@ -242,9 +243,11 @@ def test_config_of_an_earlier_version_gets_the_new_fields_at_their_defaults():
   config = config_lib.load(str(CONFIGS / "tiny.py"))
   stored = config.to_dict()
   del stored["model"]["conv_weight_grad"], stored["model"]["encoder"]["stem"]
+  del stored["model"]["resample_convs"]
   restored = config_lib.with_defaults(stored)
   assert restored.model.encoder.stem == "imagenet"
   assert restored.model.conv_weight_grad == "auto"
+  assert restored.model.resample_convs == "auto"
   assert restored.model.ch == config.model.ch
 
 

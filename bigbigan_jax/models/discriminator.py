@@ -35,16 +35,16 @@ class DBlock(nn.Module):
   sn_eps: float
   dtype: layers.Dtype
   weight_grad: str = "xla"
+  fused_resample: bool = False  # conv2 and the average pool as one convolution (layers.SNConv).
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda k, name: layers.SNConv(self.out_ch, k, eps=self.sn_eps, dtype=self.dtype,
-                                         weight_grad=self.weight_grad, name=name)
+    conv = lambda k, name, resample="none": layers.SNConv(
+        self.out_ch, k, eps=self.sn_eps, dtype=self.dtype, weight_grad=self.weight_grad,
+        resample=resample, fused_resample=self.fused_resample, name=name)
     h = nn.relu(x) if self.preactivation else x
     h = conv(3, "conv1")(h, train)
-    h = conv(3, "conv2")(nn.relu(h), train)
-    if self.downsample:
-      h = layers.avg_pool2(h)
+    h = conv(3, "conv2", "down" if self.downsample else "none")(nn.relu(h), train)
 
     shortcut = x
     if self.downsample or x.shape[-1] != self.out_ch:
@@ -68,6 +68,7 @@ class DiscriminatorTrunk(nn.Module):
   dtype: layers.Dtype = jnp.float32
   remat: bool = False
   weight_grad: str = "xla"
+  fused_resample: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -80,7 +81,7 @@ class DiscriminatorTrunk(nn.Module):
     h = x.astype(self.dtype)
     for i, (out_mult, down) in enumerate(zip(outs, downs)):
       h = block_cls(out_mult * self.ch, down, i > 0, self.sn_eps, self.dtype,
-                    self.weight_grad, name=f"block_{i}")(h, train)
+                    self.weight_grad, self.fused_resample, name=f"block_{i}")(h, train)
       if i == attention_after:
         h = layers.SelfAttention(self.sn_eps, self.dtype, self.weight_grad,
                                  name=f"attention_{i}")(h, train)
@@ -108,11 +109,13 @@ class Discriminator(nn.Module):
   dtype: layers.Dtype = jnp.float32
   remat: bool = False
   weight_grad: str = "xla"
+  fused_resample: bool = False
 
   @nn.compact
   def __call__(self, x, labels=None, *, train: bool):
     h = DiscriminatorTrunk(self.resolution, self.ch, self.attention_res, self.sn_eps,
-                           self.dtype, self.remat, self.weight_grad, name="trunk")(x, train)
+                           self.dtype, self.remat, self.weight_grad, self.fused_resample,
+                           name="trunk")(x, train)
     out = layers.SNDense(1, eps=self.sn_eps, name="linear")(h, train)[:, 0]
     if self.num_classes:
       if labels is None:
@@ -144,11 +147,13 @@ class JointDiscriminator(nn.Module):
   dtype: layers.Dtype = jnp.float32
   remat: bool = False
   weight_grad: str = "xla"
+  fused_resample: bool = False
 
   @nn.compact
   def __call__(self, x, z, *, train: bool):
     fx = DiscriminatorTrunk(self.resolution, self.ch, self.attention_res, self.sn_eps,
-                            self.dtype, self.remat, self.weight_grad, name="F")(x, train)
+                            self.dtype, self.remat, self.weight_grad, self.fused_resample,
+                            name="F")(x, train)
     hz = layers.SkipMLP(self.h_width, self.h_layers, sn_eps=self.sn_eps, dtype=self.dtype,
                         name="H")(z.astype(self.dtype), train)
     fx_j = fx

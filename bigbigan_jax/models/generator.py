@@ -32,15 +32,17 @@ class GBlock(nn.Module):
   sn_eps: float
   dtype: layers.Dtype
   weight_grad: str = "xla"
+  fused_resample: bool = False  # The up-sampling and conv1 as one convolution (layers.SNConv).
 
   @nn.compact
   def __call__(self, x, cond, train: bool):
     cbn = lambda name: layers.ConditionalBatchNorm(
         self.bn_momentum, self.bn_eps, self.sn_eps, dtype=self.dtype, name=name)
-    conv = lambda k, name: layers.SNConv(self.out_ch, k, eps=self.sn_eps, dtype=self.dtype,
-                                         weight_grad=self.weight_grad, name=name)
+    conv = lambda k, name, resample="none": layers.SNConv(
+        self.out_ch, k, eps=self.sn_eps, dtype=self.dtype, weight_grad=self.weight_grad,
+        resample=resample, fused_resample=self.fused_resample, name=name)
     h = nn.relu(cbn("cbn1")(x, cond, train))
-    h = conv(3, "conv1")(layers.upsample2(h), train)
+    h = conv(3, "conv1", "up")(h, train)
     h = nn.relu(cbn("cbn2")(h, cond, train))
     h = conv(3, "conv2")(h, train)
     return h + conv(1, "shortcut")(layers.upsample2(x), train)
@@ -63,6 +65,7 @@ class Generator(nn.Module):
   dtype: layers.Dtype = jnp.float32
   remat: bool = False
   weight_grad: str = "xla"  # Of the SN convolutions: "xla" or "matmul" (fast on CPU).
+  fused_resample: bool = False  # Each block's up-sampling and conv1 as one convolution.
 
   @property
   def num_chunks(self) -> int:
@@ -102,7 +105,8 @@ class Generator(nn.Module):
     for i, out_mult in enumerate(outs):
       cond = jnp.concatenate([chunks[i + 1], e], axis=-1).astype(self.dtype)
       h = block_cls(out_mult * self.ch, self.bn_momentum, self.bn_eps, self.sn_eps,
-                    self.dtype, self.weight_grad, name=f"block_{i}")(h, cond, train)
+                    self.dtype, self.weight_grad, self.fused_resample,
+                    name=f"block_{i}")(h, cond, train)
       if h.shape[1] == self.attention_res:
         h = layers.SelfAttention(self.sn_eps, self.dtype, self.weight_grad,
                                  name=f"attention_{i}")(h, train)

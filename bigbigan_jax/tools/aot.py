@@ -112,6 +112,8 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
   model = ml_collections.ConfigDict(config.model.to_dict())
   if model.conv_weight_grad == "auto":  # "auto" would see this host's CPU, not the TPU.
     model.conv_weight_grad = "xla"
+  if model.resample_convs == "auto":
+    model.resample_convs = "separate"
   nets, mesh, abstract = state_lib.setup(config, tpu_slices.slice_devices(tpu), model=model)
   capacity = tpu.hbm_bytes_per_device if capacity_bytes is None else capacity_bytes
 

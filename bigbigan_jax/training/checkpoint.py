@@ -30,7 +30,7 @@ from bigbigan_jax import config as config_lib
 ITEMS = ("state", "data", "meta")
 # Fields that change numerics or memory but not what is stored: a run may resume with them
 # changed (e.g. turn on rematerialisation to fit a larger batch).
-RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "conv_weight_grad")
+RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "conv_weight_grad", "resample_convs")
 
 
 def checkpoint_dir(workdir: str) -> str:
