@@ -35,19 +35,25 @@ def test_help_describes_the_flags(name):
   assert expected in out.stdout
 
 
-def test_entry_point_environment_keeps_tensorflows_start_up_lines_quiet(tmp_path):
-  """With the entry points' environment, importing TensorFlow prints none of its C++ start-up
-  lines, which TF 2.21 prints whatever TF_CPP_MIN_LOG_LEVEL says; without it, it does."""
-  script = ("import sys\n"
-            "if sys.argv[1] == 'ours':\n"
+def _with_and_without_entry_point_env(preamble: str, body: str, env: dict):
+  """Runs `preamble` + `body` in two fresh interpreters: "ours" sets the entry points'
+  environment between the two, "plain" does not. Returns (ours, plain), both succeeded."""
+  script = (preamble + "if sys.argv[1] == 'ours':\n"
             "  from bigbigan_jax import environment\n"
-            "  environment.set_entry_point_defaults()\n"
-            "import tensorflow\n")
-  env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "2"}
+            "  environment.set_entry_point_defaults()\n" + body)
   run = lambda which: subprocess.run([sys.executable, "-c", script, which], env=env,
                                      capture_output=True, text=True, timeout=300)
   ours, plain = run("ours"), run("plain")
   assert ours.returncode == 0 and plain.returncode == 0, ours.stderr[-2000:]
+  return ours, plain
+
+
+def test_entry_point_environment_keeps_tensorflows_start_up_lines_quiet(tmp_path):
+  """With the entry points' environment, importing TensorFlow prints none of its C++ start-up
+  lines, which TF 2.21 prints whatever TF_CPP_MIN_LOG_LEVEL says; without it, it does."""
+  ours, plain = _with_and_without_entry_point_env(
+      "import sys\n", "import tensorflow\n",
+      {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "2"})
   assert "oneDNN custom operations are on" in plain.stderr  # What the setting is for.
   assert "oneDNN" not in ours.stderr and "InitializeLog" not in ours.stderr, ours.stderr
 
@@ -67,19 +73,13 @@ def test_entry_point_xla_flags_are_appended_and_a_users_own_setting_wins():
 def test_entry_point_environment_sends_convolutions_to_xlas_own_kernels(tmp_path):
   """The entry points' XLA flag takes effect even set after `import jax` (as in main.py): the
   compiled convolution is XLA's own, where without it YNNPACK takes it."""
-  script = ("import sys, jax, jax.numpy as jnp\n"
-            "if sys.argv[1] == 'ours':\n"
-            "  from bigbigan_jax import environment\n"
-            "  environment.set_entry_point_defaults()\n"
-            "conv = lambda x, w: jax.lax.conv_general_dilated(\n"
-            "    x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
-            "hlo = jax.jit(conv).lower(jnp.zeros((8, 16, 16, 64)),\n"
-            "                          jnp.zeros((3, 3, 64, 64))).compile().as_text()\n"
-            "print('YNN' if '__ynn_fusion' in hlo else 'XLA', 'convolution(' in hlo)\n")
-  env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"}
-  run = lambda which: subprocess.run([sys.executable, "-c", script, which], env=env,
-                                     capture_output=True, text=True, timeout=300)
-  ours, plain = run("ours"), run("plain")
-  assert ours.returncode == 0 and plain.returncode == 0, ours.stderr[-2000:]
+  ours, plain = _with_and_without_entry_point_env(
+      "import sys, jax, jax.numpy as jnp\n",
+      "conv = lambda x, w: jax.lax.conv_general_dilated(\n"
+      "    x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))\n"
+      "hlo = jax.jit(conv).lower(jnp.zeros((8, 16, 16, 64)),\n"
+      "                          jnp.zeros((3, 3, 64, 64))).compile().as_text()\n"
+      "print('YNN' if '__ynn_fusion' in hlo else 'XLA', 'convolution(' in hlo)\n",
+      {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"})
   assert plain.stdout.split()[-2:] == ["YNN", "True"], plain.stdout
   assert ours.stdout.split()[-2:] == ["XLA", "True"], ours.stdout
