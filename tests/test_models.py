@@ -272,3 +272,14 @@ def test_resolution_16_is_the_32_px_net_less_its_first_block():
   config.model.z_dim = 8
   with pytest.raises(ValueError, match="multiple of 3"):
     config_lib.validate_model(config.model)
+
+
+def test_auto_computation_choices_are_made_for_the_backend_and_explicit_ones_kept():
+  model = config_lib.load(str(CONFIGS / "tiny.py")).model
+  cpu, tpu = networks.for_backend(model, "cpu"), networks.for_backend(model, "tpu")
+  assert (cpu.conv_weight_grad, cpu.resample_convs) == ("matmul", "fused")
+  assert (tpu.conv_weight_grad, tpu.resample_convs) == ("xla", "separate")
+  assert (model.conv_weight_grad, model.resample_convs) == ("auto", "auto")  # Not changed.
+  model.conv_weight_grad, model.resample_convs = "xla", "separate"
+  cpu = networks.for_backend(model, "cpu")
+  assert (cpu.conv_weight_grad, cpu.resample_convs) == ("xla", "separate")

@@ -78,31 +78,30 @@ def pool_for_discriminator(images: jax.Array, resolution: int) -> jax.Array:
   return images.reshape(b, resolution, f, resolution, f, c).mean(axis=(2, 4))
 
 
-def conv_weight_grad(model: ml_collections.ConfigDict) -> str:
-  """G's and D's convolution kernel gradient: config.model.conv_weight_grad, with "auto"
-  resolved to "matmul" when JAX computes on the CPU (15x faster there, see
-  layers.conv_same_matmul_grad) and to XLA's own elsewhere."""
-  if model.conv_weight_grad != "auto":
-    return model.conv_weight_grad
-  return "matmul" if jax.default_backend() == "cpu" else "xla"
-
-
-def fused_resample(model: ml_collections.ConfigDict) -> bool:
-  """Whether G's up-sampling + conv and D's conv + average pool run as one convolution each:
-  config.model.resample_convs, with "auto" fused on the CPU backend (2.25x fewer FLOPs for those
-  convolutions, see layers.upsample_conv3x3) and separate elsewhere, where the ahead-of-time
-  TPU figures were measured."""
-  if model.resample_convs != "auto":
-    return model.resample_convs == "fused"
-  return jax.default_backend() == "cpu"
+def for_backend(model: ml_collections.ConfigDict, backend: str) -> ml_collections.ConfigDict:
+  """A copy of `model` with its "auto" computation choices made for `backend` ("cpu", "tpu",
+  "gpu"). On the CPU: the convolutions' kernel gradient as matmuls (15x faster there, see
+  layers.conv_same_matmul_grad), and G's up-sampling + conv and D's conv + average pool each
+  as one convolution (2.25x fewer FLOPs, layers.upsample_conv3x3). Elsewhere XLA's own
+  gradient and the separate ops, the program the ahead-of-time TPU figures describe. Both
+  choices keep the parameters and the values (to float rounding)."""
+  model = ml_collections.ConfigDict(model.to_dict())
+  cpu = backend == "cpu"
+  if model.conv_weight_grad == "auto":
+    model.conv_weight_grad = "matmul" if cpu else "xla"
+  if model.resample_convs == "auto":
+    model.resample_convs = "fused" if cpu else "separate"
+  return model
 
 
 def build(model: ml_collections.ConfigDict) -> Networks:
   """Validates `config.model` and builds the networks it describes (no arrays yet)."""
   config_lib.validate_model(model)
+  model = for_backend(model, jax.default_backend())
   dtype = jnp.dtype(model.dtype)
   common = dict(sn_eps=model.sn_eps, dtype=dtype, remat=model.remat,
-                weight_grad=conv_weight_grad(model), fused_resample=fused_resample(model))
+                weight_grad=model.conv_weight_grad,
+                fused_resample=model.resample_convs == "fused")
   bigbigan = model.kind == "bigbigan"
   num_classes = 0 if bigbigan else model.num_classes
   generator = Generator(

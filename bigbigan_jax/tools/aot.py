@@ -44,6 +44,7 @@ from ml_collections import config_flags
 
 from bigbigan_jax import environment
 from bigbigan_jax.models import flops as flops_lib
+from bigbigan_jax.models import networks
 from bigbigan_jax.tools import tpu_slices
 from bigbigan_jax.training import state as state_lib
 from bigbigan_jax.training import step as step_lib
@@ -109,11 +110,7 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
     "flops", "cost_model", compile times, "fits", and "advice" when it does not fit. When
     XLA runs out of memory compiling, "memory" is None and "error" holds its message.
   """
-  model = ml_collections.ConfigDict(config.model.to_dict())
-  if model.conv_weight_grad == "auto":  # "auto" would see this host's CPU, not the TPU.
-    model.conv_weight_grad = "xla"
-  if model.resample_convs == "auto":
-    model.resample_convs = "separate"
+  model = networks.for_backend(config.model, "tpu")  # "auto" would see this host's CPU.
   nets, mesh, abstract = state_lib.setup(config, tpu_slices.slice_devices(tpu), model=model)
   capacity = tpu.hbm_bytes_per_device if capacity_bytes is None else capacity_bytes
 
