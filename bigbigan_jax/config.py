@@ -29,6 +29,7 @@ SCORE_REDUCTIONS = ("mean", "sum")
 DTYPES = ("float32", "bfloat16")
 CONV_WEIGHT_GRADS = ("auto", "xla", "matmul")
 RESAMPLE_CONVS = ("auto", "fused", "separate")
+MICROBATCH_LOOPS = ("auto", "scan", "unrolled")
 # Evaluators `config.evals` may name (bigbigan_jax/evaluation/evaluators.py): "linear_probe" (BigBiGAN
 # only: a linear classifier on E's frozen features), "fid" (FID and Inception Score of G),
 # "judge" (a small classifier trained on the real data scores reconstructions and samples).
@@ -108,6 +109,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.d_steps = 2  # D updates per E/G update.
+  # Gradient accumulation: each D update and each E/G update averages the gradients of this
+  # many micro-batches of batch_size / microbatches before its one optimiser update, so the
+  # global batch, the learning rates and the schedule keep their meaning while a device holds
+  # the activations of one micro-batch. Batch norm's statistics and the spectral-norm power
+  # iterations are per micro-batch; see docs/design.md ("Gradient accumulation").
+  c.optim.microbatches = 1
+  # How the micro-batches run: "scan" (a lax.scan: one micro-batch's program, memory flat in
+  # k), "unrolled" (k copies in one program) or "auto" (unrolled on the CPU, whose convolutions
+  # run far slower inside loops; scan elsewhere).
+  c.optim.microbatch_loop = "auto"
 
   c.ema = ml_collections.ConfigDict()
   c.ema.decay = 0.9999
@@ -298,6 +309,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not (isinstance(value, (int, float)) and 0 <= value < 1):
       _fail(f"optim.{field}", value, "Adam's beta must be a finite number in [0, 1)")
   _positive(config, "optim.d_steps")
+  _positive(config, "optim.microbatches")
+  _one_of(config, "optim.microbatch_loop", MICROBATCH_LOOPS)
   if not (0 <= config.ema.decay < 1):
     _fail("ema.decay", config.ema.decay, "it must be in [0, 1)")
   _one_of(config, "data.source", DATA_SOURCES)

@@ -150,8 +150,10 @@ def sum_of_shares(fn: Callable, mesh: Mesh | None, *args) -> jax.Array:
   return jax.shard_map(share, mesh=mesh, in_specs=P(), out_specs=P())(*args)
 
 
-def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
-  """Raises a ValueError that names the fix when the batch cannot be split evenly."""
+def check_batch_divisible(global_batch: int, mesh: Mesh, microbatches: int = 1) -> None:
+  """Raises a ValueError that names the fix when the batch cannot be split evenly: over the
+  devices, over the processes that feed it, and, with gradient accumulation, each device's
+  share over the micro-batches."""
   n = mesh.devices.size
   per_process = jax.process_count()
   if global_batch % n:
@@ -163,3 +165,12 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
   if global_batch % per_process:
     raise ValueError(f"config.batch_size={global_batch} is not divisible by the "
                      f"{per_process} processes that each feed a slice of it")
+  per_device = global_batch // n
+  if per_device % microbatches:
+    fits = [k for k in range(1, per_device + 1) if per_device % k == 0]
+    raise ValueError(
+        f"config.optim.microbatches={microbatches} does not divide the {per_device} examples "
+        f"each of the {n} devices holds (config.batch_size={global_batch}): every micro-batch "
+        f"takes the same share of every device. Use one of {fits} (e.g. "
+        f"--config.optim.microbatches={max(k for k in fits if k <= microbatches)}), or a "
+        f"batch_size that is a multiple of {n * microbatches}")

@@ -267,8 +267,8 @@ def train_step(config: ml_collections.ConfigDict) -> dict:
     FLOPs; "model": the batch-proportional FLOPs of the whole step (global); "recompute":
     what `model.remat` adds to them (global; 0 without remat);
     "ortho": the orthogonal regulariser's forward and backward (global: the step splits it
-    over the data axis); "per_replica": spectral norm, which every data-parallel replica
-    computes in full; "useful": model + ortho + per_replica, the step's FLOPs counted once
+    over the data axis; once per update, whatever optim.microbatches); "per_replica":
+    spectral norm, which every data-parallel replica computes in full, once per micro-batch; "useful": model + ortho + per_replica, the step's FLOPs counted once
     for all devices, which utilisation figures divide by}. One device of N then runs about
     (model + recompute + ortho) / N + per_replica.
   """
@@ -285,8 +285,8 @@ def train_step(config: ml_collections.ConfigDict) -> dict:
   if config.model.remat:
     recompute = b * (d_steps * 2 * d.in_blocks + g.in_blocks + e.in_blocks
                      + d_in_ge * d.in_blocks)
-  # SN: G and D run once in each D update and once in the E/G update.
-  sn = (d_steps + 1) * (g.sn_flops + d.sn_flops)
+  # SN: G and D run once in each D update and once in the E/G update, per micro-batch.
+  sn = config.optim.microbatches * (d_steps + 1) * (g.sn_flops + d.sn_flops)
   ortho = 3 * g.ortho_flops if config.loss.ortho_beta > 0 else 0.0
   return {
       "generator_forward": g.per_example,

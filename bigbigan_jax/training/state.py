@@ -150,7 +150,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, *,
   """What the trainer, `tools.aot` and `tools.benchmark` all start from, after every check
   that needs neither data nor a compile: the config validated, the networks built (from
   `model` instead of config.model when given), the mesh over `devices` (default: all), the
-  batch checked against it, and the train state's sharded shapes.
+  batch checked against it (and its micro-batches), and the train state's sharded shapes.
 
   Raises:
     ValueError: an invalid config, or a batch that does not split over the mesh.
@@ -158,5 +158,5 @@ def setup(config: ml_collections.ConfigDict, devices=None, *,
   config_lib.validate(config)
   nets = networks.build(config.model if model is None else model)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  sharding_lib.check_batch_divisible(config.batch_size, mesh)
+  sharding_lib.check_batch_divisible(config.batch_size, mesh, config.optim.microbatches)
   return Setup(nets, mesh, abstract_train_state(nets, config, mesh))

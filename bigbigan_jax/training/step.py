@@ -38,12 +38,165 @@ def sample_latents(key, nets: networks.Networks, batch: int):
   return z, labels
 
 
+def microbatch_loop(optim: ml_collections.ConfigDict, mesh=None) -> str:
+  """config.optim.microbatch_loop with "auto" resolved for the mesh's platform: "unrolled"
+  on the CPU, whose convolutions run far slower inside a while loop (docs/design.md, "The
+  step"); "scan" elsewhere, where one micro-batch's program keeps memory flat in k."""
+  loop = optim.microbatch_loop
+  if loop == "auto":
+    platform = (mesh.devices.flat[0].platform if mesh is not None
+                else jax.default_backend())
+    loop = "unrolled" if platform == "cpu" else "scan"
+  return loop
+
+
+def microbatch_key(key, j, k: int):
+  """Micro-batch j's key of k: the key itself when there is one micro-batch (the step
+  without accumulation), else fold_in(key, j)."""
+  return key if k == 1 else jax.random.fold_in(key, j)
+
+
+def accumulate(fn, carry, inputs, *, k: int, loop: str = "unrolled", mesh=None):
+  """Runs `fn` on k micro-batches of `inputs` in order and averages what it returns.
+
+  Args:
+    fn: (carry, micro-batch inputs, j) → (carry, (grads, metrics)). The carry threads through
+      the micro-batches in order (spectral-norm vectors, running BN statistics); j is the
+      micro-batch's index (a Python int when unrolled, a traced int32 in a scan).
+    carry: its initial value.
+    inputs: a pytree whose leaves have the (global) example axis first.
+    k: micro-batches. Micro-batch j holds rows j, j + k, j + 2k, ... of every leaf: each
+      device's contiguous share of the batch splits into k equal parts, so every micro-batch
+      is spread over every device and no example moves between devices.
+    loop: "unrolled" (k copies of fn in the program) or "scan" (lax.scan: one copy).
+    mesh: the step's mesh, to keep each micro-batch sharded over its data axis.
+
+  Returns:
+    (final carry, the mean over micro-batches of fn's (grads, metrics)). With k = 1 this is
+    fn(carry, inputs, 0) itself: the program without accumulation.
+  """
+  if k == 1:
+    return fn(carry, inputs, 0)
+
+  def split(x):  # (B, ...) → (B/k, k, ...): [:, j] is micro-batch j.
+    parts = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+    if mesh is not None:
+      parts = jax.lax.with_sharding_constraint(parts, sharding_lib.batch_sharding(mesh))
+    return parts
+
+  parts = jax.tree_util.tree_map(split, inputs)
+  add = functools.partial(jax.tree_util.tree_map, jnp.add)
+  if loop == "unrolled":
+    total = None
+    for j in range(k):
+      carry, out = fn(carry, jax.tree_util.tree_map(lambda x, j=j: x[:, j], parts), j)
+      total = out if total is None else add(total, out)
+  elif loop == "scan":
+    take = lambda j: jax.tree_util.tree_map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False), parts)
+
+    def body(loop_carry, j):
+      carry, total = loop_carry
+      carry, out = fn(carry, take(j), j)
+      return (carry, add(total, out)), None
+
+    shapes = jax.eval_shape(lambda: fn(carry, take(0), 0)[1])
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (carry, total), _ = jax.lax.scan(body, (carry, zeros), jnp.arange(k))
+  else:
+    raise ValueError(f"microbatch loop {loop!r}: use 'unrolled' or 'scan'")
+  return carry, jax.tree_util.tree_map(lambda t: t / k, total)
+
+
+def d_microbatch(d_params, d_state, mb: dict, key, *, state: state_lib.TrainState,
+                 nets: networks.Networks, objective: objectives.Objective):
+  """D's loss on one micro-batch and its gradient.
+
+  Args:
+    d_params, d_state: D's weights and its spectral-norm state (threaded through the
+      micro-batches: each D call in training mode takes one power-iteration step).
+    mb: {"images", "labels"}: the real examples; {"z", "fake_labels"}: G's latents.
+    key: E's noise for the real pairs.
+    state: the step's train state (G's and E's weights and statistics).
+
+  Returns:
+    (D's new spectral state, (gradient, metrics)).
+  """
+  # G and E run in training mode (batch statistics), but neither learns here, and their
+  # state updates are dropped: the E/G update makes them.
+  g_vars = {"params": state.params[G], **state.model_state[G]}
+  fake = jax.lax.stop_gradient(nets.generator.apply(
+      g_vars, mb["z"], mb["fake_labels"], train=True, mutable=["spectral", "batch_stats"])[0])
+  real = objective.real_pairs(state.params, state.model_state, mb["images"], mb["labels"],
+                              key)
+  x = jnp.concatenate([real.x, fake])
+  c = jnp.concatenate([jax.lax.stop_gradient(real.c),
+                       objective.fake_condition(mb["z"], mb["fake_labels"])])
+
+  def loss_fn(p):
+    scores, new_state = nets.discriminator.apply({"params": p, **d_state}, x, c, train=True,
+                                                 mutable=["spectral"])
+    loss, metrics = objective.d_loss(*objectives.split_scores(scores, fake.shape[0]))
+    return loss, (metrics, new_state)
+
+  (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
+  return new_state, (grads, metrics)
+
+
+def eg_microbatch(ge_params, model_state, mb: dict, keys, *, state: state_lib.TrainState,
+                  score: objectives.Score, nets: networks.Networks,
+                  objective: objectives.Objective, ortho_fn=None):
+  """The E/G loss on one micro-batch and its gradient.
+
+  Args:
+    ge_params: {network: weights} of what the E/G update trains.
+    model_state: every network's non-trained state, G's and E's threaded through the
+      micro-batches (running BN statistics, spectral-norm vectors).
+    mb: as `d_microbatch`'s.
+    keys: (E's noise for the real pairs, E's noise for the latent regression).
+    state: the step's train state (the weights of what does not learn here).
+    score: D's scores in evaluation mode, its updated weights bound.
+    ortho_fn: G's weights → the orthogonal regulariser, added to the loss; None leaves it
+      out (the step then takes its gradient once per update).
+
+  Returns:
+    (model_state with G's and E's updates, (gradient, metrics)).
+  """
+  noise_key, regression_key = keys
+
+  def loss_fn(ge):
+    params = {**state.params, **ge}
+    fake, g_state = nets.generator.apply({"params": ge[G], **model_state[G]}, mb["z"],
+                                         mb["fake_labels"], train=True,
+                                         mutable=["spectral", "batch_stats"])
+    real = objective.real_pairs(params, model_state, mb["images"], mb["labels"], noise_key)
+    loss, terms = objective.eg_loss(
+        score, real, fake, objective.fake_condition(mb["z"], mb["fake_labels"]), params,
+        model_state, regression_key)
+    new_state = {G: g_state, **real.new_state}
+    if ortho_fn is None:
+      return loss, ({"eg_loss": loss, **terms}, new_state)
+    ortho = ortho_fn(ge[G])
+    return loss + ortho, ({"eg_loss": loss, "ortho_loss": ortho, **terms}, new_state)
+
+  (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(ge_params)
+  return {**model_state, **new_state}, (grads, metrics)
+
+
 def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Networks,
                config: ml_collections.ConfigDict, mesh=None):
   """One iteration: `d_steps` D updates, one E/G update, the EMA of G.
 
   What the two model kinds differ in (the pairs, the losses, who learns) is the objective's
   (`objectives.build`); this function has no model-kind branch.
+
+  With `optim.microbatches` = k > 1 each update (every D update, the E/G update) averages
+  the gradients of k micro-batches of B/k (`accumulate`) before its one optimiser update.
+  Per micro-batch: batch-norm statistics (of the micro-batch, across devices), the updates
+  of the running statistics and of the spectral-norm vectors (threaded in order), E's noise.
+  Per update: the latents (drawn for the whole batch and split, so they do not depend on
+  k), the orthogonal regulariser, the optimiser, the EMA. Metrics are means over the
+  micro-batches. docs/design.md ("Gradient accumulation") says why.
 
   Args:
     state: the current TrainState.
@@ -60,9 +213,14 @@ def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Netwo
   objective = objectives.build(nets, config.loss)
   tx_d, tx_ge = state_lib.make_optimizers(config)
   batch_size = batch["image"].shape[1]
+  k = config.optim.microbatches
+  accumulate_k = functools.partial(accumulate, k=k, loop=microbatch_loop(config.optim, mesh),
+                                   mesh=mesh)
   step_key = jax.random.fold_in(state.rng, state.step)
   d_keys = jax.random.split(jax.random.fold_in(step_key, 0), batch["image"].shape[0])
-  g_vars = {"params": state.params[G], **state.model_state[G]}
+  ortho_fn = lambda g_params: sharding_lib.sum_of_shares(
+      functools.partial(losses.orthogonal_regularizer, beta=config.loss.ortho_beta),
+      mesh, g_params)
 
   # --- D updates, unrolled in Python: XLA:CPU runs convolutions inside a while loop (what
   # lax.scan lowers to, even with unroll=True) ~50x slower: 75 s vs 1.5 s a step on the
@@ -72,25 +230,15 @@ def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Netwo
     (images, labels), key = inputs
     latent_key, noise_key = jax.random.split(key)
     z, fake_labels = sample_latents(latent_key, nets, batch_size)
-    # G and E run in training mode (batch statistics), but neither learns here, and their
-    # state updates are dropped: the E/G step makes them.
-    fake = jax.lax.stop_gradient(nets.generator.apply(g_vars, z, fake_labels, train=True,
-                                                      mutable=["spectral", "batch_stats"])[0])
-    real = objective.real_pairs(state.params, state.model_state, images, labels, noise_key)
-    x = jnp.concatenate([real.x, fake])
-    c = jnp.concatenate([jax.lax.stop_gradient(real.c),
-                         objective.fake_condition(z, fake_labels)])
-
-    def loss_fn(p):
-      scores, new_state = nets.discriminator.apply({"params": p, **d_state}, x, c, train=True,
-                                                   mutable=["spectral"])
-      loss, metrics = objective.d_loss(*objectives.split_scores(scores, batch_size))
-      return loss, (metrics, new_state)
-
-    (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
+    micro = lambda d_state, mb, j: d_microbatch(
+        d_params, d_state, mb, microbatch_key(noise_key, j, k), state=state, nets=nets,
+        objective=objective)
+    d_state, (grads, metrics) = accumulate_k(
+        micro, d_state, {"images": images, "labels": labels, "z": z,
+                         "fake_labels": fake_labels})
     updates, opt_d = tx_d.update(grads, opt_d, d_params)
     metrics["grad_norm/d"] = optax.tree.norm(grads)
-    return (optax.apply_updates(d_params, updates), new_state, opt_d), metrics
+    return (optax.apply_updates(d_params, updates), d_state, opt_d), metrics
 
   carry = (state.params[D], state.model_state[D], state.opt_d)
   for i in range(batch["image"].shape[0]):
@@ -101,26 +249,22 @@ def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Netwo
   latent_key, noise_key = jax.random.split(jax.random.fold_in(step_key, 1))
   regression_key = jax.random.fold_in(step_key, 2)
   z, fake_labels = sample_latents(latent_key, nets, batch_size)
-  images, labels = batch["image"][-1], batch["label"][-1]
   d_vars = {"params": d_params, **d_state}
   score = lambda x, c: nets.discriminator.apply(d_vars, x, c, train=False)
-
-  def ge_loss_fn(ge):
-    params = {**state.params, **ge}
-    fake, g_state = nets.generator.apply({"params": ge[G], **state.model_state[G]}, z,
-                                         fake_labels, train=True,
-                                         mutable=["spectral", "batch_stats"])
-    real = objective.real_pairs(params, state.model_state, images, labels, noise_key)
-    loss, terms = objective.eg_loss(score, real, fake, objective.fake_condition(z, fake_labels),
-                                    params, state.model_state, regression_key)
-    ortho = sharding_lib.sum_of_shares(
-        functools.partial(losses.orthogonal_regularizer, beta=config.loss.ortho_beta),
-        mesh, ge[G])
-    return loss + ortho, ({"eg_loss": loss, "ortho_loss": ortho, **terms},
-                          {G: g_state, **real.new_state})
-
   ge_params = {name: state.params[name] for name in objective.eg_networks}
-  (_, (ge_metrics, ge_state)), grads = jax.value_and_grad(ge_loss_fn, has_aux=True)(ge_params)
+  # One micro-batch: the orthogonal regulariser joins the loss (the step without
+  # accumulation). Several: its gradient is taken once, below, not once per micro-batch.
+  micro = lambda model_state, mb, j: eg_microbatch(
+      ge_params, model_state, mb,
+      (microbatch_key(noise_key, j, k), microbatch_key(regression_key, j, k)), state=state,
+      score=score, nets=nets, objective=objective, ortho_fn=ortho_fn if k == 1 else None)
+  model_state, (grads, ge_metrics) = accumulate_k(
+      micro, state.model_state, {"images": batch["image"][-1], "labels": batch["label"][-1],
+                                 "z": z, "fake_labels": fake_labels})
+  if k > 1:
+    ortho, ortho_grads = jax.value_and_grad(ortho_fn)(ge_params[G])
+    grads = {**grads, G: jax.tree_util.tree_map(jnp.add, grads[G], ortho_grads)}
+    ge_metrics["ortho_loss"] = ortho
   updates, opt_ge = tx_ge.update(grads, state.opt_ge, ge_params)
   ge_params = optax.apply_updates(ge_params, updates)
   ge_metrics.update({f"grad_norm/{name[0]}": optax.tree.norm(g) for name, g in grads.items()})
@@ -130,7 +274,7 @@ def train_step(state: state_lib.TrainState, batch: dict, *, nets: networks.Netwo
   ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params,
                                ge_params[G])
 
-  model_state = {**state.model_state, D: d_state, **ge_state}
+  model_state = {**model_state, D: d_state}
   new_state = state.replace(
       step=state.step + 1, params={**state.params, D: d_params, **ge_params},
       model_state=model_state, ema_params=ema, opt_d=opt_d, opt_ge=opt_ge)
