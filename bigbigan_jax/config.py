@@ -8,9 +8,12 @@ tool call it before building anything, so bad input never costs a compile.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 import os
+import re
+import sys
 
 import ml_collections
 
@@ -399,3 +402,43 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(variant) if variant else module.get_config()
+
+
+def unknown_override(argv: list[str], flag: str = "config") -> str | None:
+  """The message for the first `--config.a.b=...` in `argv` that names no field of the config
+  file `--config=` gives (with the nearest valid names), or None when every one exists.
+
+  ml_collections fails on such a flag deep inside absl's parsing, with three chained
+  tracebacks ending in `AttributeError: "'lrr'"`; entry points call this first instead.
+  """
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag}=")), None)
+  if spec is None:
+    return None
+  try:
+    config = load(spec)
+  except Exception:  # pylint: disable=broad-except
+    return None  # absl's own parsing reports a missing or broken file.
+  for arg in argv:
+    m = re.match(rf"--{flag}\.([\w.]+)(=|$)", arg)
+    if not m:
+      continue
+    node, path = config, []
+    for part in m.group(1).split("."):
+      fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      if part not in fields:
+        where = ".".join([flag, *path])
+        near = difflib.get_close_matches(part, fields, n=3, cutoff=0.5)
+        hint = (f"did you mean {', '.join(f'--{where}.{n}' for n in near)}? " if near else "")
+        listed = ", ".join(sorted(fields)) if fields else f"{where} has no fields"
+        return (f"--{'.'.join([flag, *path, part])}: {where} has no field {part!r}; {hint}"
+                f"its fields: {listed}. Every field is documented in bigbigan_jax/config.py.")
+      node, path = node[part], path + [part]
+  return None
+
+
+def exit_on_unknown_override(argv: list[str] | None = None) -> None:
+  """Exits with `unknown_override`'s message (status 2, as a usage error), if any."""
+  message = unknown_override(sys.argv if argv is None else argv)
+  if message:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

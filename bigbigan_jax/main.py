@@ -24,6 +24,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from bigbigan_jax import config as config_lib
 from bigbigan_jax import environment
 
 FLAGS = flags.FLAGS
@@ -84,5 +85,6 @@ def main(argv):
 
 if __name__ == "__main__":
   environment.set_entry_point_defaults()  # Before TensorFlow loads (in main).
+  config_lib.exit_on_unknown_override()
   define_flags()
   app.run(main)

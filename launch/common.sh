@@ -58,7 +58,7 @@ Options (each may also be given as --option VALUE; defaults from the environment
   --dry_run            print every command (gcloud included) instead of running it
   -h, --help           this help
   -- FLAGS...          everything after -- goes to the trainer, after the flags above
-                       (so it overrides them), e.g. -- --config.batch_size=512
+                       (so it overrides them), e.g. -- --config.optim.microbatches=4
 EOF
 }
 

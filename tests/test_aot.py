@@ -233,7 +233,7 @@ def test_step_too_big_for_hbm_fails_with_advice():
   assert r["fits"] is False and r["memory"] is None
   assert r["error"]["used_bytes"] > r["error"]["limit_bytes"] == 0.001 * GiB
   advice = "\n".join(r["advice"])
-  for knob in ("--config.model.dtype=bfloat16", "--config.model.remat=True",
+  for knob in ("--config.optim.microbatches=2", "--config.model.dtype=bfloat16", "--config.model.remat=True",
                "--config.shard_params=True", "--config.batch_size=4", "v4-16"):
     assert knob in advice, knob
   assert "does not fit" in result.stderr
@@ -248,6 +248,12 @@ def test_out_of_memory_compile_error_is_summarised():
   assert oom["message"].startswith("RESOURCE_EXHAUSTED")
   assert oom["used_bytes"] == pytest.approx(40.52 * GiB)
   assert oom["limit_bytes"] == pytest.approx(15.48 * GiB)
+  # libtpu's other wording (v4, v5e): the temporaries alone, against the HBM it leaves free.
+  oom = aot._resource_exhausted(RuntimeError(  # pylint: disable=protected-access
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (48.32G) exceeds available HBM (30.75G)."))
+  assert oom["temp_bytes"] == pytest.approx(48.32 * GiB)
+  assert oom["limit_bytes"] == pytest.approx(30.75 * GiB)
   assert aot._resource_exhausted(ValueError("shapes differ")) is None  # pylint: disable=protected-access
 
 

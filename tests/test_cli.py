@@ -6,13 +6,16 @@ suite fail with DuplicateFlagError.
 """
 
 import importlib
+import pathlib
 import subprocess
 import sys
 
 from absl import flags
 import pytest
 
-CLI_MODULES = ("main", "tools.summary", "tools.benchmark", "tools.aot", "tools.sample")
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CLI_MODULES = ("main", "tools.summary", "tools.benchmark", "tools.aot", "tools.plan",
+               "tools.sample")
 
 
 def test_importing_every_cli_module_defines_no_flags():
@@ -20,7 +23,7 @@ def test_importing_every_cli_module_defines_no_flags():
     module = importlib.import_module(f"bigbigan_jax.{name}")
     assert callable(module.define_flags) and callable(module.main)
   ours = {"config", "workdir", "mode", "topology", "hbm_gib", "steps", "warmup", "num",
-          "truncation", "reconstruct", "interpolate"}
+          "truncation", "reconstruct", "interpolate", "max_compiles", "decode_images_per_core"}
   assert not ours & set(flags.FLAGS), sorted(ours & set(flags.FLAGS))
 
 
@@ -83,3 +86,30 @@ def test_entry_point_environment_sends_convolutions_to_xlas_own_kernels(tmp_path
       {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu"})
   assert plain.stdout.split()[-2:] == ["YNN", "True"], plain.stdout
   assert ours.stdout.split()[-2:] == ["XLA", "True"], ours.stdout
+
+
+def test_a_mistyped_config_field_is_named_with_the_nearest_ones():
+  from bigbigan_jax import config as config_lib
+  message = config_lib.unknown_override(
+      ["main.py", f"--config={ROOT}/configs/tiny.py", "--config.batch_size=8",
+       "--config.optim.lrr=1"])
+  assert message.startswith("--config.optim.lrr: config.optim has no field 'lrr'; did you "
+                            "mean --config.optim.g_lr, --config.optim.e_lr, --config.optim.d_lr?")
+  assert "microbatches" in message  # The valid fields are listed.
+  assert "--config.optimm: config has no field 'optimm'; did you mean --config.optim?" in (
+      config_lib.unknown_override([f"--config={ROOT}/configs/tiny.py:biggan", "--config.optimm.x",
+                                   "1"]))
+  assert config_lib.unknown_override(
+      [f"--config={ROOT}/configs/digits.py:biggan", "--config.model.encoder.depth=26",
+       "--config.optim.microbatches=2"]) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("main", "tools.plan"))
+def test_a_mistyped_config_field_ends_in_one_line_not_a_traceback(name):
+  out = subprocess.run([sys.executable, "-m", f"bigbigan_jax.{name}", "--config=configs/tiny.py",
+                        "--config.optim.lrr=1", "--workdir=unused", "--topology=v4-8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert "error: --config.optim.lrr: config.optim has no field 'lrr'" in out.stderr

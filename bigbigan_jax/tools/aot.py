@@ -42,6 +42,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from bigbigan_jax import config as config_lib
 from bigbigan_jax import environment
 from bigbigan_jax.models import flops as flops_lib
 from bigbigan_jax.models import networks
@@ -53,6 +54,14 @@ from bigbigan_jax.training import step as step_lib
 def memory_advice(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice) -> list[str]:
   """The config fields (and slice sizes) that lower per-device memory, cheapest first."""
   tips = []
+  per_device = config.batch_size // tpu.num_devices
+  k = config.optim.microbatches
+  more = next((m for m in range(2 * k, per_device + 1) if per_device % m == 0), None)
+  if more:
+    tips.append(f"--config.optim.microbatches={more}: the same global batch in {more} "
+                f"micro-batches of {per_device // more} per device, one optimiser update "
+                f"(gradient accumulation; `python -m bigbigan_jax.tools.plan` finds the "
+                f"smallest that fits)")
   if config.model.dtype != "bfloat16":
     tips.append("--config.model.dtype=bfloat16: bf16 activations, params and optimiser state "
                 "stay float32 (about half the activation memory)")
@@ -62,7 +71,6 @@ def memory_advice(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice) -
   if not config.shard_params:
     tips.append("--config.shard_params=True: split params, EMA and Adam state over the "
                 "devices instead of replicating them")
-  per_device = config.batch_size // tpu.num_devices
   if per_device > 1:
     gen = tpu_slices.GENERATIONS[tpu.generation]
     bigger = tpu.chips * 2 * (2 if gen.name_counts_cores else 1)
@@ -79,10 +87,17 @@ def _resource_exhausted(error: Exception) -> dict | None:
     return None
   out = {"message": text.strip().splitlines()[0][:500]}
   # e.g. "Ran out of memory in memory space hbm. Used 40.52G of 15.48G hbm."
+  scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
   m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", text)
   if m:
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     out["used_bytes"] = float(m.group(1)) * scale[m.group(2)]
+    out["limit_bytes"] = float(m.group(3)) * scale[m.group(4)]
+  # e.g. "the total memory required for HLO temporaries (48.32G) exceeds available HBM
+  # (30.75G)": the temporaries alone, beside the arguments.
+  m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM "
+                r"\(([\d.]+)([KMGT])\)", text)
+  if m:
+    out["temp_bytes"] = float(m.group(1)) * scale[m.group(2)]
     out["limit_bytes"] = float(m.group(3)) * scale[m.group(4)]
   return out
 
@@ -123,14 +138,17 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
 
   analytic = flops_lib.train_step(config)
   n = tpu.num_devices
+  k = config.optim.microbatches
+  loop = step_lib.microbatch_loop(config.optim, mesh)
   report = {
       "topology": tpu.name, "topology_name": tpu.topology, "chips": tpu.chips,
       "devices": n, "device_kind": mesh.devices.flat[0].device_kind,
       "global_batch": config.batch_size, "per_device_batch": config.batch_size // n,
-      "d_steps": config.optim.d_steps, "dtype": config.model.dtype,
+      "microbatches": k, "microbatch_per_device": config.batch_size // n // k,
+      "microbatch_loop": loop if k > 1 else None, "d_steps": config.optim.d_steps, "dtype": config.model.dtype,
       "remat": bool(config.model.remat), "shard_params": bool(config.shard_params),
       "capacity_bytes": capacity, "peak_flops_per_device": tpu.peak_flops_per_device,
-      "lower_seconds": lower_s, "error": None,
+      "lower_seconds": lower_s, "argument_bytes": argument_bytes, "error": None,
   }
   if argument_bytes > capacity:
     # The state and batch alone overflow: say so now rather than after minutes of compiling.
@@ -147,6 +165,8 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
     oom = _resource_exhausted(e)
     if oom is None:
       raise
+    if "used_bytes" not in oom and "temp_bytes" in oom:
+      oom["used_bytes"] = argument_bytes + oom["temp_bytes"]  # Outputs alias the state.
     report.update(compile_seconds=time.perf_counter() - t0, memory=None, flops=None,
                   cost_model=None, fits=False, error=oom,
                   advice=memory_advice(config, tpu))
@@ -170,7 +190,14 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # Older jax: one per module.
-  compiled_flops = float(cost.get("flops", 0.0))
+  counted_flops = float(cost.get("flops", 0.0))
+  # XLA's cost analysis counts a while loop's body once. With k micro-batches in a scan the
+  # body is one micro-batch of every update; what runs once per update outside it is the
+  # orthogonal regulariser (this device's share) and element-wise optimiser work (not
+  # counted here). So the step runs once + k * (counted - once).
+  once = analytic["ortho"] / n
+  loop_counted_once = k > 1 and loop == "scan"
+  compiled_flops = (once + k * (counted_flops - once)) if loop_counted_once else counted_flops
   # What each device should execute: its share of the batch's work (remat's recompute
   # included) plus the batch-independent work every replica repeats.
   analytic_per_device = ((analytic["model"] + analytic["recompute"] + analytic["ortho"]) / n
@@ -179,6 +206,8 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
   model_per_device = analytic["useful"] / n
   report["flops"] = {
       "compiled_per_device": compiled_flops,
+      "cost_analysis_per_device": counted_flops,
+      "loop_body_counted_once": loop_counted_once,
       "compiled_global": compiled_flops * n,
       "analytic_model_global": analytic["model"],
       "analytic_recompute_global": analytic["recompute"],
@@ -194,13 +223,19 @@ def compile_report(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
   raw_seconds = None if raw_seconds is None else float(raw_seconds)
   # libtpu's cost model sometimes returns a negative time (seen for v4 programs): no estimate.
   seconds = raw_seconds if raw_seconds is not None and raw_seconds > 0 else None
+  if seconds and loop_counted_once:
+    # The cost model, too, sees the loop's body once: scale its time by the FLOPs the step
+    # runs over those it counted (the same rate for the k - 1 micro-batches it left out).
+    seconds *= compiled_flops / counted_flops
   peak = tpu.peak_flops_per_device
   report["cost_model"] = {
       "step_seconds": seconds,
       "optimal_seconds_raw": raw_seconds,
       "model_flops_utilisation": model_per_device / seconds / peak if seconds else None,
       "hardware_flops_utilisation": compiled_flops / seconds / peak if seconds else None,
-      "note": "XLA's cost-model estimate for this program, not a measurement",
+      "note": "XLA's cost-model estimate for this program, not a measurement"
+              + ("; scaled by the FLOPs of the micro-batch loop's k iterations over the one "
+                 "it counts" if loop_counted_once else ""),
   }
   report["fits"] = total <= capacity
   report["advice"] = [] if report["fits"] else memory_advice(config, tpu)
@@ -235,8 +270,10 @@ def format_report(report: dict, config_name: str) -> str:
   lines = [
       f"{config_name} on {r['topology']} ({r['topology_name']}: {r['chips']} chips, "
       f"{r['devices']} devices of {r['device_kind']})",
-      f"  batch       global {r['global_batch']}, {r['per_device_batch']} per device, "
-      f"{r['d_steps']} D steps; {r['dtype']} activations, remat "
+      f"  batch       global {r['global_batch']}, {r['per_device_batch']} per device"
+      + (f" in {r['microbatches']} micro-batches of {r['microbatch_per_device']} "
+         f"({r['microbatch_loop']})" if r["microbatches"] > 1 else "")
+      + f", {r['d_steps']} D steps; {r['dtype']} activations, remat "
       f"{'on' if r['remat'] else 'off'}, {params}",
   ]
   if r["memory"] is None:
@@ -347,5 +384,6 @@ def use_compile_only_environment():
 
 if __name__ == "__main__":
   use_compile_only_environment()
+  config_lib.exit_on_unknown_override()
   define_flags()
   app.run(main)
