@@ -52,7 +52,11 @@ def _microbatch(tree, j):
 def _assert_close(got, want, what):
   got, want = flat(got), flat(want)
   scale = max(np.abs(want).max(), 1e-12)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=what)
+  # The step is one jitted program, the reference eager calls: float rounding differs by up
+  # to ~1e-3 relative where gradients pass through G, E and D in turn (one weight of 47,938
+  # in the BigBiGAN case). A mistake (a sum for a mean, another micro-batch's examples, the
+  # regulariser counted twice) moves them by far more.
+  np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4 * scale, err_msg=what)
 
 
 @pytest.mark.parametrize("variant,loss", [
@@ -63,7 +67,8 @@ def _assert_close(got, want, what):
     ("biggan", {}),
 ])
 def test_step_applies_the_mean_of_the_microbatch_gradients(monkeypatch, variant, loss):
-  config = tiny(variant, optim__d_steps=1, optim__microbatches=K, loss__ortho_beta=1e-2)
+  # A regulariser 1e4 x BigGAN's, so that counting it per micro-batch would show.
+  config = tiny(variant, optim__d_steps=1, optim__microbatches=K, loss__ortho_beta=1.0)
   config.loss.update(loss)
   monkeypatch.setattr(state_lib, "make_optimizers",
                       lambda _: (_recording_optimizer(), _recording_optimizer()))
@@ -126,7 +131,6 @@ def test_step_applies_the_mean_of_the_microbatch_gradients(monkeypatch, variant,
     assert {"latent_regression", "image_reconstruction"} <= set(expected)
   for key, value in expected.items():
     np.testing.assert_allclose(metrics[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
-  # The regulariser is taken once: a large beta keeps it far from a per-micro-batch sum.
   assert float(metrics["ortho_loss"]) > 0
 
 

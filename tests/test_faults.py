@@ -1,6 +1,7 @@
-"""Faults a pod run meets, on the CPU: SIGTERM and `kill -9` of a single host mid-save,
-damaged checkpoints, the lost-process watch (bigbigan_jax/training/faults.py and
-checkpoint.restore_newest_intact). Two hosts: test_multihost.py."""
+"""Faults a pod run meets, on the CPU, with 4 micro-batches an update: SIGTERM and `kill -9`
+of a single host mid-save, damaged checkpoints, the lost-process watch
+(bigbigan_jax/training/faults.py and checkpoint.restore_newest_intact). Two hosts:
+test_multihost.py."""
 
 import glob
 import logging
@@ -49,8 +50,11 @@ def _damage(step_dir: pathlib.Path, how: str):
 STEPS = 12
 # One set of overrides for the in-process runs and the entry point's processes: their final
 # params are compared bit for bit.
-RUN = {"num_train_steps": STEPS, "log_every_steps": 4, "sample_every_steps": 1000}
-FLAGS = tuple(f"--config.{key}={value}" for key, value in RUN.items())
+# Each update averages 4 micro-batches (gradient accumulation): resuming must not change
+# which examples, latents or noise each micro-batch gets.
+RUN = {"num_train_steps": STEPS, "log_every_steps": 4, "sample_every_steps": 1000,
+       "batch_size": 32, "optim__microbatches": 4}
+FLAGS = tuple(f"--config.{key.replace('__', '.')}={value}" for key, value in RUN.items())
 
 
 def _config(**overrides):

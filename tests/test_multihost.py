@@ -1,5 +1,6 @@
 """Two hosts x 2 CPU devices (jax.distributed over gloo on localhost), each feeding its own
-half of the batch: they train to the same parameters as one host (this process, 8 devices);
+half of the batch, with two micro-batches an update: they train to the same parameters as
+one host (this process, 8 devices);
 SIGTERM to one stops both after the same step, and the resumed run equals an uninterrupted
 one bit for bit; a host killed ends the other within the bound, with the message.
 
@@ -30,9 +31,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 12
-# Two D updates a step: each host feeds its half of both real batches.
+# Two D updates a step: each host feeds its half of both real batches. Each update averages
+# two micro-batches (gradient accumulation), each spread over both hosts' devices.
 RUN = (f"num_train_steps={STEPS}", "log_every_steps=4", "checkpoint_every_steps=100",
-       "optim.d_steps=2")
+       "optim.d_steps=2", "batch_size=16", "optim.microbatches=2")
 
 
 def _hosts(workdir, logs, *overrides):
@@ -67,7 +69,8 @@ def test_two_processes_match_one_process(tmp_path, uninterrupted):
   config = config_lib.load(str(ROOT / "configs" / "tiny.py:lifecycle"))
   config.optim.eps = 1e-4  # As tests/multihost_worker.py.
   config.update_from_flattened_dict({"num_train_steps": 2, "sample_every_steps": 100,
-                                     "optim.d_steps": 2})
+                                     "optim.d_steps": 2, "batch_size": 16,
+                                     "optim.microbatches": 2})
   assert jax.device_count() == 8
   state = loop.train_and_evaluate(config, str(tmp_path / "one_host"))
   one = _by_path(state.params)

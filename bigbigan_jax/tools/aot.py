@@ -322,20 +322,31 @@ def format_report(report: dict, config_name: str) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
+def slice_from_flags(argv, example_topology: str) -> tpu_slices.TpuSlice:
+  """The checks every compile-for-a-slice tool makes of its flags before compiling anything,
+  and the slice; sets JAX to compile the program the trainer runs (fully optimised, afresh).
+
+  Raises:
+    app.UsageError: stray arguments, --config or --topology missing, an unknown slice, or a
+      generation this libtpu cannot compile for.
+  """
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.config is None or not FLAGS.topology:
     raise app.UsageError("--config and --topology are required, e.g. "
-                         "--config=configs/bigbigan_resnet50.py --topology=v3-128")
+                         f"--config=configs/bigbigan_resnet50.py --topology={example_topology}")
   try:
     tpu = tpu_slices.parse_slice(FLAGS.topology)
     refuse_crashing_generation(tpu)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  # The report must describe the program the trainer runs: fully optimised, freshly compiled.
   jax.config.update("jax_disable_most_optimizations", False)
   jax.config.update("jax_enable_compilation_cache", False)
+  return tpu
+
+
+def main(argv):
+  tpu = slice_from_flags(argv, "v3-128")
   capacity = None if FLAGS.hbm_gib is None else FLAGS.hbm_gib * tpu_slices.GiB
   report = compile_report(FLAGS.config, tpu, capacity)
   if FLAGS.json:

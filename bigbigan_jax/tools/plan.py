@@ -287,20 +287,8 @@ def format_plan(plan: dict, extra: dict | None, config_name: str, tpu) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.config is None or not FLAGS.topology:
-    raise app.UsageError("--config and --topology are required, e.g. "
-                         "--config=configs/bigbigan_resnet50.py --topology=v5litepod-8")
-  try:
-    tpu = tpu_slices.parse_slice(FLAGS.topology)
-    aot.refuse_crashing_generation(tpu)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  tpu = aot.slice_from_flags(argv, "v5litepod-8")
   config = FLAGS.config
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_disable_most_optimizations", False)
-  jax.config.update("jax_enable_compilation_cache", False)
   capacity = None if FLAGS.hbm_gib is None else FLAGS.hbm_gib * GiB
   log = (lambda s: print(s, file=sys.stderr, flush=True)) if FLAGS.json else (
       lambda s: print(s, flush=True))
