@@ -115,3 +115,32 @@ def test_documents_and_comments_cite_only_files_the_repository_holds():
       if cited.lstrip("./") not in held and pathlib.Path(cited).name not in held:
         missing.add((name, cited))
   assert not missing, sorted(missing)
+
+
+# How the project was made is no name for a figure or a change: a figure is named by its
+# commit, date, config or machine. These catch a numbered step of the work ("stop 23") and a
+# working session; a Unix session ("its own session", setsid) is a different thing.
+HISTORY_WORDS = re.compile(r"\bstops? \d+\b|\bsession\b", re.IGNORECASE)
+UNIX_SESSION = re.compile(r"own session|session of its own|new_session|setsid", re.IGNORECASE)
+
+
+def _history_words(name: str, text: str) -> list[tuple[str, int, str]]:
+  return [(name, number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
+          if HISTORY_WORDS.search(line) and not UNIX_SESSION.search(line)]
+
+
+def test_the_repository_speaks_of_the_project_not_of_how_it_was_made():
+  assert _history_words("x.md", "| this host, start of stop 23 | 1.92 s |\nas measured in "
+                        "this session\nStop 7 made it faster") == [
+      ("x.md", 1, "| this host, start of stop 23 | 1.92 s |"),
+      ("x.md", 2, "as measured in this session"), ("x.md", 3, "Stop 7 made it faster")]
+  assert not _history_words("x.sh", "setsid gives it a session of its own\nround 5, R4")
+  tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+  found = []
+  for name in tracked:
+    path = ROOT / name
+    if path.suffix in (".png", ".npz") or not path.exists() or path == pathlib.Path(__file__):
+      continue  # This file's examples above are what the check must find.
+    found += _history_words(name, path.read_text(errors="replace"))
+  assert not found, found
