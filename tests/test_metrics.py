@@ -1,5 +1,7 @@
 """FID, IS and statistics files against closed forms and independent references."""
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -100,6 +102,23 @@ def test_fid_retries_with_eps_when_sqrtm_is_not_finite(monkeypatch):
   assert len(seen) == 2
   np.testing.assert_allclose(seen[1], (sigma + 1e-3 * np.eye(2)) @ (sigma + 1e-3 * np.eye(2)))
   assert np.isfinite(fid) and abs(fid) < 1e-2
+
+
+def test_fid_of_singular_covariances_is_right_and_warns_nobody():
+  # A feature that never varies (a judge's output no sample moves) makes both covariances,
+  # and so their product, singular; scipy's sqrtm then says "Matrix is singular". The root
+  # still squares back to the product, so the FID is the reference's, with no warning.
+  rng = np.random.default_rng(5)
+  f1, f2 = rng.normal(size=(50, 10)), rng.normal(size=(50, 10))
+  f1[:, 3], f2[:, 3] = 1.0, 2.0
+  (mu1, sigma1), (mu2, sigma2) = metrics.feature_stats(f1), metrics.feature_stats(f2)
+  assert np.linalg.matrix_rank(sigma1 @ sigma2) < 10
+  with pytest.warns(scipy.linalg.LinAlgWarning):
+    scipy.linalg.sqrtm(sigma1 @ sigma2)  # What the caller no longer passes on.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    fid = metrics.fid_from_stats(mu1, sigma1, mu2, sigma2)
+  np.testing.assert_allclose(fid, _eigh_fid(mu1, sigma1, mu2, sigma2), rtol=1e-4)
 
 
 def test_fid_rejects_non_psd_statistics_and_bad_shapes():

@@ -4,8 +4,9 @@ Everything here is numpy/scipy in float64 on the host, because published numbers
 code that does exactly that:
 
 - FID: `fid_from_stats` follows TTUR's `fid.py` / pytorch-fid's `calculate_frechet_distance`:
-  ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), sqrtm by scipy; when the product is so
-  singular that sqrtm returns non-finite values, retry with eps on both diagonals; keep the real
+  ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), sqrtm by scipy; a singular product is
+  expected and its root checked (no warning when it squares back to the product); when the
+  root is not finite, or not accurate, retry with eps on both diagonals; keep the real
   part (rejecting a large imaginary diagonal). `feature_stats` gives the mean and the unbiased
   covariance (`np.cov(rowvar=False)`), as both do.
 - IS: `inception_score` follows OpenAI's improved-gan code: split the N predictions into
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
+import warnings
 
 import numpy as np
 import scipy.linalg
@@ -70,20 +72,39 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2:
     raise ValueError(f"covariances {sigma1.shape}, {sigma2.shape} do not fit means "
                      f"of shape {mu1.shape}")
   diff = mu1 - mu2
-  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-  if not np.isfinite(covmean).all():
+  product = sigma1 @ sigma2
+  covmean, singular = _sqrtm(product)
+  if not np.isfinite(covmean).all() or (singular and _residual(covmean, product) > 1e-3):
     # A near-singular product (fewer samples than dimensions) can break the Schur method;
     # the reference code then regularises both covariances and tries once more.
-    logging.warning("FID: sqrtm of the covariance product is not finite; adding %g to "
-                    "both diagonals", eps)
+    logging.warning("FID: sqrtm of the covariance product is not %s; adding %g to both "
+                    "diagonals", "finite" if not np.isfinite(covmean).all() else "accurate",
+                    eps)
     offset = np.eye(sigma1.shape[0]) * eps
-    covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    covmean, _ = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
       raise ValueError(f"sqrtm(sigma1 @ sigma2) has an imaginary component of up to "
                        f"{np.max(np.abs(covmean.imag)):.3g}")
     covmean = covmean.real
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _sqrtm(a: np.ndarray) -> tuple[np.ndarray, bool]:
+  """scipy's sqrtm, and whether it said the matrix is singular. Covariances of fewer
+  independent features than dimensions (a small judge's logits, few samples) give a singular
+  product; its square root is still well defined (zero eigenvalues stay zero), so instead of
+  passing scipy's LinAlgWarning on, the caller checks the root itself (`_residual`)."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+    root = scipy.linalg.sqrtm(a)
+  return root, any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)
+
+
+def _residual(root: np.ndarray, a: np.ndarray) -> float:
+  """||root² - a|| / ||a|| (Frobenius, real parts): how far root is from a square root."""
+  root = np.real(root)
+  return float(np.linalg.norm(root @ root - a) / max(np.linalg.norm(a), 1e-300))
 
 
 def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
