@@ -177,6 +177,32 @@ def test_tiny_step_compiles_for_v4_8_and_fits(tiny_v4_8):
 @pytest.mark.slow
 @pytest.mark.tpu_aot
 @needs_libtpu
+def test_microbatches_in_a_scan_count_the_loop_body_k_times(tiny_v4_8):
+  # XLA's cost analysis counts a while loop's body once: the report counts the scan's body
+  # k times, so the step's FLOPs match the same batch's without accumulation (2 images a
+  # device in 2 micro-batches of 1, against the fixture's 2 at once).
+  result = _aot("--config=configs/tiny.py:lifecycle", "--topology=v4-8", "--json",
+                "--config.optim.microbatches=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = json.loads(result.stdout.strip().splitlines()[-1])
+  assert (r["microbatches"], r["microbatch_per_device"], r["microbatch_loop"]) == (2, 1, "scan")
+  f, whole = r["flops"], tiny_v4_8["flops"]
+  assert f["loop_body_counted_once"] and not whole["loop_body_counted_once"]
+  assert f["cost_analysis_per_device"] < 0.7 * f["compiled_per_device"]  # Counted once.
+  assert f["compiled_per_device"] == pytest.approx(whole["compiled_per_device"], rel=0.15)
+  # Spectral norm runs once per micro-batch, the rest of the analytic count is the same.
+  assert f["analytic_per_replica"] == pytest.approx(2 * whole["analytic_per_replica"])
+  assert "in 2 micro-batches of 1 (scan)" in aot_text(r)
+
+
+def aot_text(report):
+  from bigbigan_jax.tools import aot  # pylint: disable=g-import-not-at-top
+  return aot.format_report(report, "configs/tiny.py:lifecycle")
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_aot
+@needs_libtpu
 def test_text_report_reads_the_same_numbers(tiny_v4_8):
   from bigbigan_jax.tools import aot  # pylint: disable=g-import-not-at-top
   text = aot.format_report(tiny_v4_8, "configs/tiny.py:lifecycle")

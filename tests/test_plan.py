@@ -103,29 +103,24 @@ def test_hosts_of_a_slice():
 @pytest.mark.slow
 @pytest.mark.tpu_aot
 @needs_libtpu
-def test_plan_compiles_for_v4_8_and_chooses_accumulation():
-  # The tiny step at 16 images a device, checked against an HBM just under what its k = 1
-  # step needs: the planner must find a k > 1 that fits, by compiling the real step.
+def test_plan_compiles_the_real_step_for_v4_8_and_reports_its_costs():
+  # The search's choices are tested above against a memory model; here the command line
+  # compiles the tiny step (16 images a device) for v4-8, where k = 1 fits: one compile.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-  args = [sys.executable, "-m", "bigbigan_jax.tools.plan", "--config=configs/tiny.py:lifecycle",
-          "--topology=v4-8", "--config.batch_size=64", "--json", "--max_compiles=3"]
-  whole = subprocess.run([*args, "--hbm_gib=32"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=900, check=False)
-  assert whole.returncode == 0, whole.stderr[-3000:]
-  k1 = json.loads(whole.stdout.strip().splitlines()[-1])
-  assert k1["microbatches"] == 1 and len(k1["compiles"]) == 1
-  need = k1["report"]["memory"]["total_bytes"]
-  tight = subprocess.run([*args, f"--hbm_gib={0.97 * need / GiB}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900, check=False)
-  assert tight.returncode == 0, tight.stderr[-3000:]
-  r = json.loads(tight.stdout.strip().splitlines()[-1])
-  assert r["fits"] and r["microbatches"] > 1 and r["options"] == "as configured"
-  assert r["report"]["memory"]["total_bytes"] <= 0.97 * need
-  assert r["report"]["microbatch_loop"] == "scan"
-  # The step's FLOPs do not depend on k (beyond spectral norm's per micro-batch): the scan's
-  # body, counted once by XLA, is counted k times.
-  assert r["report"]["flops"]["loop_body_counted_once"]
-  assert r["report"]["flops"]["compiled_per_device"] == pytest.approx(
-      k1["report"]["flops"]["compiled_per_device"], rel=0.15)
+  out = subprocess.run(
+      [sys.executable, "-m", "bigbigan_jax.tools.plan", "--config=configs/tiny.py:lifecycle",
+       "--topology=v4-8", "--config.batch_size=64", "--json"], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=900, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["fits"] and r["microbatches"] == 1 and r["options"] == "as configured"
+  assert [(c["microbatches"], c["fits"]) for c in r["compiles"]] == [(1, True)]
+  assert r["report"]["memory"]["total_bytes"] < 32 * GiB
   costs = r["costs"]
-  assert costs["hosts"] == 1 and costs["days"] > 0 and costs["host_images_per_second"] > 0
+  # v4's cost model gives no time with this libtpu: the FLOP bound stands in, said as such.
+  assert costs["step_source"] in ("cost model", "FLOP bound") and costs["step_seconds"] > 0
+  assert costs["days"] == pytest.approx(costs["step_seconds"] * 4 / 86400)  # tiny: 4 steps.
+  assert costs["hosts"] == 1
+  # 64 images a step (one D update) from its one host.
+  assert costs["host_images_per_second"] == pytest.approx(64 / costs["step_seconds"])
+  assert "compiling as configured, 1 micro-batch of 16 per device" in out.stderr
