@@ -130,10 +130,10 @@ def _history_words(name: str, text: str) -> list[tuple[str, int, str]]:
 
 
 def test_the_repository_speaks_of_the_project_not_of_how_it_was_made():
-  assert _history_words("x.md", "| this host, start of stop 23 | 1.92 s |\nas measured in "
+  assert _history_words("x.txt", "| this host, start of stop 23 | 1.92 s |\nas measured in "
                         "this session\nStop 7 made it faster") == [
-      ("x.md", 1, "| this host, start of stop 23 | 1.92 s |"),
-      ("x.md", 2, "as measured in this session"), ("x.md", 3, "Stop 7 made it faster")]
+      ("x.txt", 1, "| this host, start of stop 23 | 1.92 s |"),
+      ("x.txt", 2, "as measured in this session"), ("x.txt", 3, "Stop 7 made it faster")]
   assert not _history_words("x.sh", "setsid gives it a session of its own\nround 5, R4")
   tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
