@@ -45,7 +45,7 @@ trainer=(python3 -m bigbigan_jax.main --config="$CONFIG" --workdir="$WORKDIR")
 trainer+=(${TRAINER_FLAGS[@]+"${TRAINER_FLAGS[@]}"})  # last, so that they override the above
 
 # `set --` holds the trainer's command line on the worker: it is run as "$@" and logged as $*.
-# setsid gives it a session of its own, so that no hangup from the ending ssh reaches it;
+# setsid detaches it from the ssh login's terminal, so that no hangup from the ending ssh reaches it;
 # every descriptor is redirected, so that ssh returns at once.
 remote_script="set -e
 if $REMOTE_RUNNING; then
