@@ -45,6 +45,11 @@ def define_flags():
       "mode", "train", ["train", "eval"],
       "train: train (or resume) in --workdir. eval: run the evaluators on its checkpoint.")
   flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint's step (default: the newest).")
+  flags.DEFINE_bool(
+      "dry_run", False,
+      "Check everything that can be checked without compiling (the config, the data, the "
+      "batch against the devices, the workdir's checkpoints), print what the run would do, "
+      "and exit. Writes nothing.")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -64,23 +69,61 @@ def main(argv):
   from bigbigan_jax.training import loop  # pylint: disable=g-import-not-at-top
   pipeline.hide_accelerators_from_tf()
   metric_writer.quiet_library_logs()
-  logging.info("JAX: process %d of %d, %d local and %d global devices (%s).",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  config_name = config_flags.get_config_filename(FLAGS["config"])
+  logging.info("%s", describe(config, config_name, FLAGS.workdir, FLAGS.mode, FLAGS.step))
   try:
     if FLAGS.mode == "eval":
-      results = evaluators.evaluate(config, FLAGS.workdir, FLAGS.step)
-      if jax.process_index() == 0:
-        print(json.dumps(results, indent=2, sort_keys=True))
+      if FLAGS.dry_run:
+        evaluators.check(config, FLAGS.workdir, FLAGS.step)
+      else:
+        results = evaluators.evaluate(config, FLAGS.workdir, FLAGS.step)
+        if jax.process_index() == 0:
+          print(json.dumps(results, indent=2, sort_keys=True))
     else:
       if FLAGS.step is not None:
         raise ValueError("--step only applies to --mode=eval; training resumes from the "
                          "newest checkpoint")
-      loop.train_and_evaluate(config, FLAGS.workdir)
+      if FLAGS.dry_run:
+        loop.check(config, FLAGS.workdir)
+      else:
+        state = loop.train_and_evaluate(config, FLAGS.workdir)
+        if int(state.step) < config.num_train_steps:
+          return  # Stopped for preemption: the loop's last line says so.
   except (ValueError, FileNotFoundError, FloatingPointError) as error:
     # Bad input and diverged runs end with the message alone: it names the problem and the fix.
     logging.error("%s", error)
     sys.exit(f"error: {error}")
+  if FLAGS.dry_run:
+    logging.info("Dry run: every check passed; nothing was compiled or written.")
+  else:
+    logging.info("%s", results_line(config, FLAGS.workdir, FLAGS.mode))
+
+
+def describe(config, config_name: str, workdir: str, mode: str, step: int | None) -> str:
+  """The run's first console line: what it will do, on what, where."""
+  data = config.data
+  source = {"tfds": data.name, "folder": data.folder}.get(data.source, data.source)
+  devices = (f"{jax.device_count()} {jax.devices()[0].platform} device(s) in "
+             f"{jax.process_count()} process(es)")
+  if mode == "eval":
+    evals = ", ".join(config.evals) or "every evaluator that applies"
+    return (f"Evaluating {workdir} (step {'newest' if step is None else step}) with "
+            f"{config_name}: {evals}, on {devices}.")
+  accumulation = (f" in {config.optim.microbatches} micro-batches"
+                  if config.optim.microbatches > 1 else "")
+  return (f"Training {config.model.kind} ({config_name}) on {source}[{data.train_split}] for "
+          f"{config.num_train_steps:,} steps at batch {config.batch_size}{accumulation}, on "
+          f"{devices}, in {workdir}.")
+
+
+def results_line(config, workdir: str, mode: str) -> str:
+  """The run's last console line: where its results are."""
+  if mode == "eval":
+    return f"Done. The results are in {workdir}/eval/ and in TensorBoard."
+  grids = "samples/ and reconstructions/" if config.model.kind == "bigbigan" else "samples/"
+  evals = "eval/ (the evaluations), " if config.evals else ""
+  return (f"Done. In {workdir}: {grids} (PNG grids), {evals}checkpoints/; "
+          f"tensorboard --logdir {workdir}")
 
 
 if __name__ == "__main__":

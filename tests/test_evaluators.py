@@ -235,6 +235,12 @@ def test_train_then_eval_mode_end_to_end(tmp_path):
                   *small_probe)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Skipping the 'fid' evaluator" in out.stderr
+  # The first line of ours says what the run will do; the last, where its results are.
+  ours = [line.split("] ", 1)[1] for line in out.stderr.splitlines()
+          if ".py:" in line and "] " in line]
+  assert ours[0] == (f"Training bigbigan (configs/tiny.py) on digits[train] for 2 steps at batch "
+                     f"8, on 8 cpu device(s) in 1 process(es), in {workdir}."), ours[0]
+  assert ours[-1].startswith(f"Done. In {workdir}: samples/ and reconstructions/"), ours[-1]
   trained = json.loads((workdir / "eval" / "step_0000002.json").read_text())
   assert trained["step"] == 2 and "probe/avepool_feat/top1" in trained["results"]
   assert (workdir / "reconstructions" / "step_0000002.png").exists()

@@ -121,6 +121,20 @@ def report(step: int, results: dict[str, float], workdir: str,
       json.dump({"step": step, "results": results}, f, indent=2, sort_keys=True)
 
 
+def check(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """What `evaluate` checks before any work (`--mode=eval --dry_run` stops here).
+
+  Returns:
+    (the evaluators' names, the evaluators).
+  """
+  config_lib.validate(config)
+  names = tuple(config.evals) or default_evals(config)
+  evaluators = build(config, workdir, names)
+  checkpoint_lib.check_compatible(workdir, config)
+  inference.read_config(workdir, step)  # No checkpoint, or none at `step`: names the fix.
+  return names, evaluators
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              step: int | None = None) -> dict[str, float]:
   """`--mode=eval`: runs config.evals (or `default_evals`) on a workdir's checkpoint.
@@ -136,10 +150,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     {name: value}, also logged, written to TensorBoard and to WORKDIR/eval/step_<step>.json.
   """
-  config_lib.validate(config)
-  names = tuple(config.evals) or default_evals(config)
-  evaluators = build(config, workdir, names)
-  checkpoint_lib.check_compatible(workdir, config)
+  names, evaluators = check(config, workdir, step)
   model = inference.load(workdir, step, batch_size=config.eval.batch_size)
   logging.info("Evaluating %s at step %d: %s.", workdir, model.step, ", ".join(names))
   results = run(evaluators, model)

@@ -112,6 +112,17 @@ def _fit_line(points: list[tuple[int, float]]):
   return my - slope * mx, slope
 
 
+def check(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice) -> int:
+  """What `search` checks before compiling (`--dry_run` stops here): the config is valid and
+  its global batch splits over the slice's devices. Returns the batch per device."""
+  config_lib.validate(config)
+  if config.batch_size % tpu.num_devices:
+    raise ValueError(f"config.batch_size={config.batch_size} does not split over the "
+                     f"{tpu.num_devices} devices of {tpu.name}: use a multiple of "
+                     f"{tpu.num_devices}")
+  return config.batch_size // tpu.num_devices
+
+
 def search(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
            capacity: float | None = None, *, max_compiles: int = 6,
            compile_fn: Callable = aot.compile_report, log: Callable = print) -> dict:
@@ -124,10 +135,7 @@ def search(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
     "short_by_bytes" (when nothing fits: the least that was over)}.
   """
   capacity = tpu.hbm_bytes_per_device if capacity is None else capacity
-  per_device = config.batch_size // tpu.num_devices
-  if config.batch_size % tpu.num_devices:
-    raise ValueError(f"config.batch_size={config.batch_size} does not split over the "
-                     f"{tpu.num_devices} devices of {tpu.name}")
+  per_device = check(config, tpu)
   sizes = [m for m in range(per_device, 0, -1) if per_device % m == 0]  # Largest first.
   compiles: list[Compiled] = []
   best_short = None
@@ -235,6 +243,8 @@ def define_flags():
   flags.DEFINE_string("topology", None, "Cloud TPU type (v4-8, v5litepod-8, v5p-8, v3-8) or a "
                       "libtpu topology (v4:2x2x1).")
   flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+  flags.DEFINE_bool("dry_run", False, "Check the flags, the config and the slice, say what "
+                    "the search starts with, and exit: seconds, no compile.")
   flags.DEFINE_float("hbm_gib", None, "HBM per device to fit in (GiB), instead of the chip's.")
   flags.DEFINE_integer("max_compiles", 6, "Compiles per memory option before trying the next.")
   flags.DEFINE_float("decode_images_per_core", DECODE_IMAGES_PER_CORE,
@@ -292,7 +302,17 @@ def main(argv):
   capacity = None if FLAGS.hbm_gib is None else FLAGS.hbm_gib * GiB
   log = (lambda s: print(s, file=sys.stderr, flush=True)) if FLAGS.json else (
       lambda s: print(s, flush=True))
-  plan = search(config, tpu, capacity, max_compiles=FLAGS.max_compiles, log=log)
+  try:
+    per_device = check(config, tpu)
+    if FLAGS.dry_run:
+      print(f"Dry run: {tpu.name} has {tpu.num_devices} devices of "
+            f"{(capacity or tpu.hbm_bytes_per_device) / GiB:.2f} GiB; batch "
+            f"{config.batch_size} is {per_device} per device; the search compiles k = 1 "
+            f"first, then up to {FLAGS.max_compiles - 1} more. Nothing was compiled.")
+      return
+    plan = search(config, tpu, capacity, max_compiles=FLAGS.max_compiles, log=log)
+  except ValueError as error:
+    sys.exit(f"error: {error}")
   plan.update(global_batch=config.batch_size, num_train_steps=config.num_train_steps,
               topology=tpu.name)
   extra = None

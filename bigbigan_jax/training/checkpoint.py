@@ -78,11 +78,28 @@ def _use_array_handler():
   if _ARRAY_HANDLER_SET:
     return
   current = ocp.type_handlers.get_type_handler(jax.Array)
-  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-      min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
-      # The default handler's per-array metadata (shardings) is kept as it was.
-      array_metadata_store=getattr(current, "_array_metadata_store", None)), override=True)
+  # Orbax warns that the handler is overridden, which is the point here: nothing to act on.
+  quiet = _DropMessages("Type handler registry")
+  logging.get_absl_logger().addFilter(quiet)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
+        # The default handler's per-array metadata (shardings) is kept as it was.
+        array_metadata_store=getattr(current, "_array_metadata_store", None)), override=True)
+  finally:
+    logging.get_absl_logger().removeFilter(quiet)
   _ARRAY_HANDLER_SET = True
+
+
+class _DropMessages(std_logging.Filter):
+  """Drops log records whose message starts with `prefix`."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(self.prefix)
 
 
 def _manager(workdir: str, *, keep: int = 1, every: int = 1, async_save: bool = True,

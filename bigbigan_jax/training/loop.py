@@ -79,6 +79,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
   return Prepared(nets, mesh, abstract_state, resume_step, state, train_iter)
 
 
+def check(config: ml_collections.ConfigDict, workdir: str):
+  """`--dry_run`: what `prepare` checks, without restoring or writing anything."""
+  state_lib.setup(config)
+  _, data_state = checkpoint_lib.check_compatible(workdir, config)
+  pipeline.create_input_iter(config, split=config.data.train_split, start_state=data_state,
+                             train=True)
+  # Deferred, as in train_and_evaluate.
+  from bigbigan_jax.evaluation import \
+      evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
+  evaluators_lib.build(config, workdir, skip_unavailable=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
   """Trains (or resumes training) in `workdir` up to config.num_train_steps.
 
