@@ -8,12 +8,9 @@ tool call it before building anything, so bad input never costs a compile.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import math
 import os
-import re
-import sys
 
 import ml_collections
 
@@ -159,7 +156,26 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5_000
+  # Kept: the newest keep_checkpoints, every multiple of keep_every_steps (0: none), and the
+  # keep_best best by keep_best_metric, a key of eval/step_*.json ("samples/classifier_fid"
+  # with mode "min"; "probe/avepool_feat/top1" with "max"). Evaluated steps are all saved.
   c.keep_checkpoints = 3
+  c.keep_every_steps = 50_000  # Ten snapshots of a 500K-step run (docs/design.md: their cost).
+  c.keep_best = 0
+  c.keep_best_metric = ""
+  c.keep_best_mode = "max"
+
+  # Collapse rules over the logged metrics (bigbigan_jax/training/collapse.py; 0 turns one off).
+  c.collapse = ml_collections.ConfigDict()
+  c.collapse.window = 10  # Logs each rule looks back over.
+  c.collapse.sigma_growth = 4.0  # A layer's σ0 over this many times its window minimum.
+  c.collapse.d_accuracy = 0.99  # D's accuracy at or above this...
+  c.collapse.pinned_logs = 5  # ...on this many consecutive logs.
+  c.collapse.g_loss_jump = 3.0  # G's loss this far above its window median.
+  c.collapse.eval_worse = 3  # The eval metric worse on this many evaluations in a row.
+  c.collapse.eval_metric = ""  # "" takes keep_best_metric and keep_best_mode.
+  c.collapse.eval_metric_mode = "max"
+  c.collapse.stop_on_collapse = False  # Save and stop when a rule fires.
   c.sample_every_steps = 5_000
   c.num_sample_images = 64
   c.eval_every_steps = 0  # Run config.evals every this many steps (0: only at the end).
@@ -323,6 +339,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "keep_checkpoints", "num_sample_images"):
     _positive(config, field)
   _positive(config, "lost_process_timeout_s", integer=False)
+  _non_negative(config, "keep_every_steps")
+  _one_of(config, "keep_best_mode", ("min", "max"))
+  _one_of(config, "collapse.eval_metric_mode", ("min", "max"))
+  for field in ("window", "pinned_logs", "eval_worse"):
+    _non_negative(config, f"collapse.{field}")
+  for field in ("sigma_growth", "d_accuracy", "g_loss_jump"):
+    _non_negative(config, f"collapse.{field}", integer=False)
+  if not isinstance(config.collapse.stop_on_collapse, bool):
+    _fail("collapse.stop_on_collapse", config.collapse.stop_on_collapse, "True or False")
+  if _non_negative(config, "keep_best") and not (config.keep_best_metric and config.evals):
+    _fail("keep_best", config.keep_best, "the best checkpoints are chosen by an evaluation "
+          "result: set keep_best_metric (e.g. 'samples/classifier_fid' with keep_best_mode="
+          "'min') and config.evals" + ("" if config.evals else ", which is empty"))
   if not isinstance(config.data.skip_corrupt, bool):
     _fail("data.skip_corrupt", config.data.skip_corrupt, "it must be True or False")
   if config.data.source == "folder" and not config.data.folder:
@@ -402,43 +431,3 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(variant) if variant else module.get_config()
-
-
-def unknown_override(argv: list[str], flag: str = "config") -> str | None:
-  """The message for the first `--config.a.b=...` in `argv` that names no field of the config
-  file `--config=` gives (with the nearest valid names), or None when every one exists.
-
-  ml_collections fails on such a flag deep inside absl's parsing, with three chained
-  tracebacks ending in `AttributeError: "'lrr'"`; entry points call this first instead.
-  """
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag}=")), None)
-  if spec is None:
-    return None
-  try:
-    config = load(spec)
-  except Exception:  # pylint: disable=broad-except
-    return None  # absl's own parsing reports a missing or broken file.
-  for arg in argv:
-    m = re.match(rf"--{flag}\.([\w.]+)(=|$)", arg)
-    if not m:
-      continue
-    node, path = config, []
-    for part in m.group(1).split("."):
-      fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-      if part not in fields:
-        where = ".".join([flag, *path])
-        near = difflib.get_close_matches(part, fields, n=3, cutoff=0.5)
-        hint = (f"did you mean {', '.join(f'--{where}.{n}' for n in near)}? " if near else "")
-        listed = ", ".join(sorted(fields)) if fields else f"{where} has no fields"
-        return (f"--{'.'.join([flag, *path, part])}: {where} has no field {part!r}; {hint}"
-                f"its fields: {listed}. Every field is documented in bigbigan_jax/config.py.")
-      node, path = node[part], path + [part]
-  return None
-
-
-def exit_on_unknown_override(argv: list[str] | None = None) -> None:
-  """Exits with `unknown_override`'s message (status 2, as a usage error), if any."""
-  message = unknown_override(sys.argv if argv is None else argv)
-  if message:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)

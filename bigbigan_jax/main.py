@@ -11,7 +11,7 @@ bigbigan_jax/config.py for every field). A second run with the same --workdir re
 its newest checkpoint. `--mode=eval` evaluates a workdir's checkpoint instead (config.evals,
 or every evaluator that applies when that is empty; see bigbigan_jax/evaluation/evaluators.py)
 and writes the results to WORKDIR/eval/step_<step>.json and TensorBoard. All logic lives in
-`bigbigan_jax.training.loop` and `bigbigan_jax.evaluation.evaluators`, which tests and
+`bigbigan_jax.train` and `bigbigan_jax.evaluation.evaluators`, which tests and
 notebooks import; this file only parses flags.
 """
 
@@ -24,7 +24,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from bigbigan_jax import config as config_lib
+from bigbigan_jax import overrides as overrides_lib
 from bigbigan_jax import environment
 
 FLAGS = flags.FLAGS
@@ -45,6 +45,11 @@ def define_flags():
       "mode", "train", ["train", "eval"],
       "train: train (or resume) in --workdir. eval: run the evaluators on its checkpoint.")
   flags.DEFINE_integer("step", None, "--mode=eval: the checkpoint's step (default: the newest).")
+  flags.DEFINE_string(
+      "steps", None,
+      "--mode=eval: 'all', or steps N,M,...: evaluate every kept checkpoint (or those listed) "
+      "that has no result in WORKDIR/eval/ yet, oldest first, and redraw the learning curves. "
+      "Results already there are not redone, so a stopped sweep resumes.")
   flags.DEFINE_bool(
       "dry_run", False,
       "Check everything that can be checked without compiling (the config, the data, the "
@@ -66,13 +71,24 @@ def main(argv):
   from bigbigan_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from bigbigan_jax.evaluation import evaluators  # pylint: disable=g-import-not-at-top
   from bigbigan_jax.reporting import metric_writer  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax.training import loop  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax import train  # pylint: disable=g-import-not-at-top
   pipeline.hide_accelerators_from_tf()
   metric_writer.quiet_library_logs()
   config_name = config_flags.get_config_filename(FLAGS["config"])
-  logging.info("%s", describe(config, config_name, FLAGS.workdir, FLAGS.mode, FLAGS.step))
+  logging.info("%s", describe(config, config_name, FLAGS.workdir, FLAGS.mode, FLAGS.step,
+                                 FLAGS.steps))
   try:
-    if FLAGS.mode == "eval":
+    if FLAGS.mode == "eval" and FLAGS.steps is not None:
+      if FLAGS.step is not None:
+        raise ValueError("give --step (one checkpoint) or --steps (several), not both")
+      if FLAGS.dry_run:
+        evaluators.check(config, FLAGS.workdir)
+        evaluators.sweep_steps(FLAGS.workdir, FLAGS.steps)
+      else:
+        swept = evaluators.evaluate_steps(config, FLAGS.workdir, FLAGS.steps)
+        if jax.process_index() == 0:
+          print(json.dumps({str(k): v for k, v in swept.items()}, indent=2, sort_keys=True))
+    elif FLAGS.mode == "eval":
       if FLAGS.dry_run:
         evaluators.check(config, FLAGS.workdir, FLAGS.step)
       else:
@@ -80,13 +96,13 @@ def main(argv):
         if jax.process_index() == 0:
           print(json.dumps(results, indent=2, sort_keys=True))
     else:
-      if FLAGS.step is not None:
-        raise ValueError("--step only applies to --mode=eval; training resumes from the "
-                         "newest checkpoint")
+      if FLAGS.step is not None or FLAGS.steps is not None:
+        raise ValueError("--step and --steps only apply to --mode=eval; training resumes "
+                         "from the newest checkpoint")
       if FLAGS.dry_run:
-        loop.check(config, FLAGS.workdir)
+        train.check(config, FLAGS.workdir)
       else:
-        state = loop.train_and_evaluate(config, FLAGS.workdir)
+        state = train.train_and_evaluate(config, FLAGS.workdir)
         if int(state.step) < config.num_train_steps:
           return  # Stopped for preemption: the loop's last line says so.
   except (ValueError, FileNotFoundError, FloatingPointError) as error:
@@ -99,7 +115,8 @@ def main(argv):
     logging.info("%s", results_line(config, FLAGS.workdir, FLAGS.mode))
 
 
-def describe(config, config_name: str, workdir: str, mode: str, step: int | None) -> str:
+def describe(config, config_name: str, workdir: str, mode: str, step: int | None,
+             steps: str | None = None) -> str:
   """The run's first console line: what it will do, on what, where."""
   data = config.data
   source = {"tfds": data.name, "folder": data.folder}.get(data.source, data.source)
@@ -107,7 +124,8 @@ def describe(config, config_name: str, workdir: str, mode: str, step: int | None
              f"{jax.process_count()} process(es)")
   if mode == "eval":
     evals = ", ".join(config.evals) or "every evaluator that applies"
-    return (f"Evaluating {workdir} (step {'newest' if step is None else step}) with "
+    which = f"steps {steps}" if steps else f"step {'newest' if step is None else step}"
+    return (f"Evaluating {workdir} ({which}) with "
             f"{config_name}: {evals}, on {devices}.")
   accumulation = (f" in {config.optim.microbatches} micro-batches"
                   if config.optim.microbatches > 1 else "")
@@ -128,6 +146,6 @@ def results_line(config, workdir: str, mode: str) -> str:
 
 if __name__ == "__main__":
   environment.set_entry_point_defaults()  # Before TensorFlow loads (in main).
-  config_lib.exit_on_unknown_override()
+  overrides_lib.exit_on_unknown_override()
   define_flags()
   app.run(main)

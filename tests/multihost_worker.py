@@ -30,7 +30,7 @@ from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bigbigan_jax import config as config_lib  # noqa: E402
-from bigbigan_jax.training import loop  # noqa: E402
+from bigbigan_jax import train  # noqa: E402
 
 logging.use_absl_handler()  # The trainer's console lines, as `python -m bigbigan_jax.main`.
 logging.set_verbosity(logging.INFO)
@@ -44,7 +44,7 @@ for field, value in overrides:
   config.update_from_flattened_dict({field: ast.literal_eval(value)})
 assert jax.device_count() == 4 and jax.process_count() == num_processes
 
-state = loop.train_and_evaluate(config, workdir)
+state = train.train_and_evaluate(config, workdir)
 leaves = jax.tree_util.tree_leaves_with_path(state.params)
 arrays = {jax.tree_util.keystr(path): np.asarray(jax.device_get(x)) for path, x in leaves}
 if jax.process_index() == 0:

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLI_MODULES = ("main", "tools.summary", "tools.benchmark", "tools.aot", "tools.plan",
-               "tools.sample")
+               "tools.sample", "tools.collapse")
 
 
 def test_importing_every_cli_module_defines_no_flags():
@@ -23,7 +23,8 @@ def test_importing_every_cli_module_defines_no_flags():
     module = importlib.import_module(f"bigbigan_jax.{name}")
     assert callable(module.define_flags) and callable(module.main)
   ours = {"config", "workdir", "mode", "topology", "hbm_gib", "steps", "warmup", "num",
-          "truncation", "reconstruct", "interpolate", "max_compiles", "decode_images_per_core"}
+          "truncation", "reconstruct", "interpolate", "max_compiles", "decode_images_per_core",
+          "dry_run", "stream_out"}
   assert not ours & set(flags.FLAGS), sorted(ours & set(flags.FLAGS))
 
 
@@ -34,7 +35,7 @@ def test_help_describes_the_flags(name):
                        capture_output=True, text=True, timeout=300)
   # absl's --help exits with status 1 after printing; what matters is what it printed.
   assert f"bigbigan_jax.{name}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
-  expected = "--workdir" if name == "tools.sample" else "--config"
+  expected = "--workdir" if name in ("tools.sample", "tools.collapse") else "--config"
   assert expected in out.stdout
 
 
@@ -89,17 +90,17 @@ def test_entry_point_environment_sends_convolutions_to_xlas_own_kernels(tmp_path
 
 
 def test_a_mistyped_config_field_is_named_with_the_nearest_ones():
-  from bigbigan_jax import config as config_lib
-  message = config_lib.unknown_override(
+  from bigbigan_jax import overrides as overrides_lib
+  message = overrides_lib.unknown_override(
       ["main.py", f"--config={ROOT}/configs/tiny.py", "--config.batch_size=8",
        "--config.optim.lrr=1"])
   assert message.startswith("--config.optim.lrr: config.optim has no field 'lrr'; did you "
                             "mean --config.optim.g_lr, --config.optim.e_lr, --config.optim.d_lr?")
   assert "microbatches" in message  # The valid fields are listed.
   assert "--config.optimm: config has no field 'optimm'; did you mean --config.optim?" in (
-      config_lib.unknown_override([f"--config={ROOT}/configs/tiny.py:biggan", "--config.optimm.x",
+      overrides_lib.unknown_override([f"--config={ROOT}/configs/tiny.py:biggan", "--config.optimm.x",
                                    "1"]))
-  assert config_lib.unknown_override(
+  assert overrides_lib.unknown_override(
       [f"--config={ROOT}/configs/digits.py:biggan", "--config.model.encoder.depth=26",
        "--config.optim.microbatches=2"]) is None
 

@@ -230,8 +230,11 @@ def test_train_then_eval_mode_end_to_end(tmp_path):
   small_probe = ["--config.eval.probe_max_examples=32", "--config.eval.probe_steps=20",
                  "--config.eval.batch_size=16"]
   # Training runs config.evals at the end; FID without weights is skipped, not fatal.
+  # Evaluated at both steps, keeping the newest checkpoint and the best by the probe.
   out = _run_main("--config=configs/tiny.py", f"--workdir={workdir}",
                   "--config.num_train_steps=2", "--config.evals=('linear_probe','fid')",
+                  "--config.eval_every_steps=1", "--config.keep_checkpoints=1",
+                  "--config.keep_best=1", "--config.keep_best_metric=probe/avepool_feat/top1",
                   *small_probe)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Skipping the 'fid' evaluator" in out.stderr
@@ -244,6 +247,11 @@ def test_train_then_eval_mode_end_to_end(tmp_path):
   trained = json.loads((workdir / "eval" / "step_0000002.json").read_text())
   assert trained["step"] == 2 and "probe/avepool_feat/top1" in trained["results"]
   assert (workdir / "reconstructions" / "step_0000002.png").exists()
+  top1 = {step: json.loads((workdir / "eval" / f"step_{step:07d}.json").read_text())[
+      "results"]["probe/avepool_feat/top1"] for step in (1, 2)}
+  best = 1 if top1[1] >= top1[2] else 2  # Of a tie, the earlier step.
+  kept = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert kept == sorted({2, best}), (kept, top1)
 
   os.remove(workdir / "eval" / "step_0000002.json")
   out = _run_main("--mode=eval", "--config=configs/tiny.py", f"--workdir={workdir}",

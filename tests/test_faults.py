@@ -21,6 +21,7 @@ from processes import stopped_at
 from processes import wait_for
 from train_steps import flat
 
+from bigbigan_jax import train
 from bigbigan_jax.training import faults
 from bigbigan_jax.training import loop
 
@@ -74,7 +75,7 @@ def uninterrupted(tmp_path_factory):
   TensorStore's cache, so a process that had read a step would not see it damaged.
   """
   workdir = tmp_path_factory.mktemp("faults") / "uninterrupted"
-  loop.train_and_evaluate(_config(checkpoint_every_steps=4), str(workdir))
+  train.train_and_evaluate(_config(checkpoint_every_steps=4), str(workdir))
   return workdir
 
 
@@ -85,7 +86,7 @@ def test_damaged_newest_checkpoint_falls_back_and_training_redoes_the_same_steps
   shutil.copytree(uninterrupted, run)
   _damage(run / "checkpoints" / "12", "truncate")
   caplog.set_level(logging.INFO)
-  loop.train_and_evaluate(_config(checkpoint_every_steps=4), str(run))
+  train.train_and_evaluate(_config(checkpoint_every_steps=4), str(run))
   log = caplog.text
   assert "Damaged checkpoint(s)" in log and "step 12:" in log and "Traceback" not in log
   assert "Resuming from step 8, the newest that reads back whole" in log

@@ -17,7 +17,7 @@ from bigbigan_jax import inference
 from bigbigan_jax import sharding
 from bigbigan_jax.models import networks
 from bigbigan_jax.training import checkpoint as checkpoint_lib
-from bigbigan_jax.training import loop
+from bigbigan_jax import train
 from bigbigan_jax.training import state as state_lib
 
 pytestmark = pytest.mark.slow  # trains and checkpoints a tiny model for the API.
@@ -42,7 +42,7 @@ def workdir(tmp_path_factory):
   config.num_train_steps = 2
   config.ema.start_step = 0  # So the EMA copy (0.9 * init + 0.1 * trained) is not G itself.
   path = tmp_path_factory.mktemp("bigbigan")
-  loop.train_and_evaluate(config, str(path))
+  train.train_and_evaluate(config, str(path))
   return str(path)
 
 

@@ -77,6 +77,32 @@ def test_no_module_of_the_package_imports_another_in_a_cycle():
   assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
+# Layers, each importing only from its own and those to its right; train.py and the entry
+# points sit above them all.
+LOWER_THAN = {
+    "bigbigan_jax.training": ("bigbigan_jax.evaluation", "bigbigan_jax.inference",
+                              "bigbigan_jax.train", "bigbigan_jax.main", "bigbigan_jax.tools"),
+    "bigbigan_jax.models": ("bigbigan_jax.training", "bigbigan_jax.evaluation",
+                            "bigbigan_jax.inference", "bigbigan_jax.data"),
+    "bigbigan_jax.data": ("bigbigan_jax.training", "bigbigan_jax.evaluation",
+                          "bigbigan_jax.inference", "bigbigan_jax.models"),
+}
+
+
+def test_every_import_points_down():
+  """No module of training/ imports evaluation/ or inference/, deferred or not (the loop that
+  ties them together is bigbigan_jax/train.py, above both); models/ and data/ import neither
+  each other nor anything above them."""
+  modules = _modules()
+  upward = []
+  for name, path in modules.items():
+    for layer, above in LOWER_THAN.items():
+      if name.startswith(layer + ".") or name == layer:
+        upward += [f"{name} imports {m}" for m in _imports(path, modules)
+                   if any(m == a or m.startswith(a + ".") for a in above)]
+  assert not upward, upward
+
+
 def test_every_module_is_under_the_size_limit():
   sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
   assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}

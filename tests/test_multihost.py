@@ -25,6 +25,7 @@ from processes import wait_for
 
 from bigbigan_jax import config as config_lib
 from bigbigan_jax.training import faults
+from bigbigan_jax import train
 from bigbigan_jax.training import loop
 
 pytestmark = pytest.mark.slow
@@ -72,7 +73,7 @@ def test_two_processes_match_one_process(tmp_path, uninterrupted):
                                      "optim.d_steps": 2, "batch_size": 16,
                                      "optim.microbatches": 2})
   assert jax.device_count() == 8
-  state = loop.train_and_evaluate(config, str(tmp_path / "one_host"))
+  state = train.train_and_evaluate(config, str(tmp_path / "one_host"))
   one = _by_path(state.params)
   # The two hosts' parameters after step 2, read back from their checkpoint (the newest once
   # the later ones are left out of a copy).

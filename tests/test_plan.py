@@ -66,6 +66,28 @@ def test_finds_the_smallest_microbatch_count_that_fits_in_few_compiles():
   assert len(log) <= 4, log
 
 
+def test_bytes_that_grow_as_the_microbatch_shrinks_are_not_extrapolated():
+  """What libtpu did for bigbigan_resnet50 on v5litepod-1: 64 images a micro-batch needed
+  15.93 GiB, 32 needed 25.63 (an out-of-memory report, taken where XLA gave up). The line
+  through those two points falls towards 1 image; the search must not jump there."""
+  reported = {2048: 198.56, 64: 15.93, 32: 25.63, 16: 12.0}
+  log = []
+
+  def compile_fn(config, tpu, capacity):
+    m = config.batch_size // config.optim.microbatches
+    log.append(m)
+    total = reported.get(m, 20.0) * GiB
+    fits = total <= capacity
+    return {"fits": fits, "argument_bytes": 3.7 * GiB,
+            "memory": {"total_bytes": total} if fits else None,
+            "error": None if fits else {"used_bytes": total}}
+
+  result = plan.search(_config(), tpu_slices.parse_slice("v5litepod-1"), capacity=15.75 * GiB,
+                       compile_fn=compile_fn, log=lambda _: None)
+  assert log[:3] == [2048, 64, 32] and log[3] == 16, log
+  assert result["fits"] and result["microbatches"] == 128
+
+
 def test_k_1_is_kept_when_it_fits():
   result, log = _search(_config(batch=256), "v5p-8", state_gib=4, per_example_gib=0.2,
                         accumulators_gib=1)

@@ -16,19 +16,15 @@ import shlex
 import subprocess
 import sys
 
-import jax
 import numpy as np
 from PIL import Image
 import pytest
 
 from bigbigan_jax import config as config_lib
-from bigbigan_jax import sharding
-from bigbigan_jax.models import networks
-from bigbigan_jax.training import checkpoint as checkpoint_lib
-from bigbigan_jax.training import state as state_lib
 
 from test_aot import needs_libtpu
 from test_launch import REFUSING_GCLOUD
+from train_steps import save_initial_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -107,26 +103,14 @@ def test_every_readme_command_is_checked():
     assert needed in kinds.values(), (needed, kinds)
 
 
-def _save_initial_state(config_name: str, workdir: pathlib.Path):
-  """A checkpoint of the config's initial state at step 1: commands need weights, not good
-  ones."""
-  config = config_lib.load(str(ROOT / "configs" / config_name))
-  nets = networks.build(config.model)
-  abstract = state_lib.abstract_train_state(nets, config, sharding.make_mesh(config.mesh))
-  ckpt = checkpoint_lib.Checkpoints(str(workdir), config)
-  ckpt.save(1, state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0)),
-            {"step": 1}, force=True)
-  ckpt.wait()
-  ckpt.close()
-
-
 @pytest.fixture(scope="module")
 def user_dir(tmp_path_factory):
   """A user's working directory as the README assumes it after the demo: configs/, the
   demo's workdir_digits (an untrained checkpoint of configs/digits.py), and some photos."""
   home = tmp_path_factory.mktemp("user")
   (home / "configs").symlink_to(ROOT / "configs")
-  _save_initial_state("digits.py", home / "workdir_digits")
+  save_initial_state(config_lib.load(str(ROOT / "configs" / "digits.py")),
+                     home / "workdir_digits")
   rng = np.random.default_rng(0)
   (home / "photos").mkdir()
   for i in range(3):

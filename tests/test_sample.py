@@ -6,18 +6,14 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 from PIL import Image
 import pytest
+from train_steps import save_initial_state
 
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import inference
-from bigbigan_jax import sharding
-from bigbigan_jax.models import networks
 from bigbigan_jax.tools import sample
-from bigbigan_jax.training import checkpoint as checkpoint_lib
-from bigbigan_jax.training import state as state_lib
 
 pytestmark = pytest.mark.slow  # trains a tiny model, then the sampling tool.
 
@@ -31,16 +27,8 @@ def _grid_size(rows, cols):
 
 
 def _untrained_checkpoint(variant, path):
-  """Saves the tiny config's initial train state: the CLI needs weights, not good ones."""
-  config = config_lib.load(str(ROOT / f"configs/tiny.py:{variant}"))
-  nets = networks.build(config.model)
-  abstract = state_lib.abstract_train_state(nets, config, sharding.make_mesh(config.mesh))
-  ckpt = checkpoint_lib.Checkpoints(str(path), config)
-  ckpt.save(1, state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0)), {"step": 1},
-            force=True)
-  ckpt.wait()
-  ckpt.close()
-  return str(path)
+  """The tiny config's initial train state: the CLI needs weights, not good ones."""
+  return save_initial_state(config_lib.load(str(ROOT / f"configs/tiny.py:{variant}")), path)
 
 
 @pytest.fixture(scope="module")

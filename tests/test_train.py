@@ -3,6 +3,7 @@ across device counts, errors before compiling, divergence handling, the entry po
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from train_steps import one_step
 
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import sharding
+from bigbigan_jax import train
 from bigbigan_jax.models import flops
 from bigbigan_jax.models import networks
 from bigbigan_jax.tools import benchmark
@@ -110,14 +112,17 @@ class _Recorder:
     monkeypatch.setattr(step_lib, "to_global", record)
 
 
-def test_resume_gives_the_same_params_and_batches(tmp_path, monkeypatch):
+def test_resume_and_rollback_give_the_same_params_and_batches(tmp_path, monkeypatch):
   straight = _Recorder(monkeypatch)
-  final_straight = loop.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "a"))
+  # Snapshots every 2 steps are kept past the rotation (keep 2: 4 and 6).
+  final_straight = train.train_and_evaluate(tiny(num_train_steps=6, keep_every_steps=2),
+                                            str(tmp_path / "a"))
+  assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["2", "4", "6"]
 
   resumed = _Recorder(monkeypatch)
-  loop.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "b"))
+  train.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "b"))
   assert checkpoint_lib.read_latest(str(tmp_path / "b"))[0] == 3
-  final_resumed = loop.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "b"))
+  final_resumed = train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "b"))
 
   assert int(final_resumed.step) == int(final_straight.step) == 6
   assert len(resumed.batches) == len(straight.batches) == 6
@@ -127,6 +132,12 @@ def test_resume_gives_the_same_params_and_batches(tmp_path, monkeypatch):
   np.testing.assert_array_equal(flat(final_resumed.params), flat(final_straight.params))
   np.testing.assert_array_equal(flat(final_resumed.ema_params), flat(final_straight.ema_params))
   np.testing.assert_array_equal(flat(final_resumed.opt_ge), flat(final_straight.opt_ge))
+
+  # Rolling back as the README says: a kept step copied into a new workdir, the same command.
+  shutil.copytree(tmp_path / "a" / "checkpoints" / "2", tmp_path / "c" / "checkpoints" / "2")
+  final_rolled_back = train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "c"))
+  np.testing.assert_array_equal(flat(final_rolled_back.params), flat(final_straight.params))
+  np.testing.assert_array_equal(flat(final_rolled_back.opt_d), flat(final_straight.opt_d))
 
   # What the workdir holds: checkpoints (keep 2), PNG grids, TensorBoard events.
   b = tmp_path / "b"
@@ -139,9 +150,28 @@ def test_resume_gives_the_same_params_and_batches(tmp_path, monkeypatch):
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   _Recorder(monkeypatch, poison_step=3)
   with pytest.raises(FloatingPointError, match="step 3") as error:
-    loop.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path))
+    train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path))
   assert "last good checkpoint is step 2" in str(error.value)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def test_a_collapse_rule_warns_and_stop_on_collapse_saves_and_stops(tmp_path, caplog):
+  # A rule set to fire at once: D's accuracy "pinned" at >= 1e-9 on one log.
+  config = tiny(num_train_steps=6, collapse__d_accuracy=1e-9, collapse__pinned_logs=1,
+                collapse__stop_on_collapse=True)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert int(final.step) == 1
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+  warned = [r.getMessage() for r in caplog.records if "Collapse rule" in r.getMessage()]
+  assert len(warned) == 1 and warned[0].startswith("Collapse rule d_accuracy fired at step 1")
+  assert "No checkpoint from before step 1 is kept" in warned[0]
+  assert any("Stopped at step 1: collapse.stop_on_collapse" in r.getMessage()
+             for r in caplog.records)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = {v.tag for name in os.listdir(tmp_path / "tensorboard")
+          for e in tf.compat.v1.train.summary_iterator(str(tmp_path / "tensorboard" / name))
+          for v in e.summary.value}
+  assert {"collapse/d_accuracy"} <= tags
 
 
 def test_checkpoint_from_8_devices_restores_on_4(tmp_path):
@@ -177,7 +207,7 @@ def _listing(path):
 def test_bad_input_fails_before_anything_is_written(tmp_path, overrides, message):
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=message):
-    loop.train_and_evaluate(tiny(**overrides), str(workdir))
+    train.train_and_evaluate(tiny(**overrides), str(workdir))
   assert not workdir.exists()
 
 
@@ -200,7 +230,7 @@ def test_checkpoint_of_another_model_is_refused_untouched(tmp_path):
   ckpt.wait()
   before = _listing(tmp_path)
   with pytest.raises(ValueError, match=r"different model:\n  model.ch: checkpoint 4 vs config 8"):
-    loop.train_and_evaluate(tiny(model__ch=8), str(tmp_path))
+    train.train_and_evaluate(tiny(model__ch=8), str(tmp_path))
   assert _listing(tmp_path) == before
   # Settings that do not change what is stored may differ on resume.
   step, _ = checkpoint_lib.check_compatible(str(tmp_path), tiny(model__remat=True))

@@ -5,6 +5,7 @@ import numpy as np
 
 from bigbigan_jax import sharding
 from bigbigan_jax.models import networks
+from bigbigan_jax.training import checkpoint as checkpoint_lib
 from bigbigan_jax.training import state as state_lib
 from bigbigan_jax.training import step as step_lib
 
@@ -49,3 +50,21 @@ def one_step(config, num_devices: int):
   state, metrics = step_lib.make_train_step(nets, config, mesh, abstract)(
       state, step_lib.to_global(local, config, nets, mesh))
   return state, jax.device_get(metrics), abstract
+
+
+def save_initial_state(config, workdir, steps=(1,)):
+  """Checkpoints of `config`'s initial weights at `steps` (what sampling, evaluation and the
+  README's commands need: weights, not good ones). Returns the workdir as a str."""
+  nets = networks.build(config.model)
+  abstract = state_lib.abstract_train_state(nets, config, sharding.make_mesh(config.mesh))
+  state = state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+  config = config.copy_and_resolve_references()
+  config.keep_checkpoints = max(config.keep_checkpoints, len(steps))  # Every one stays.
+  ckpt = checkpoint_lib.Checkpoints(str(workdir), config)
+  for step in steps:  # The state's own step is the checkpoint's, as in a run.
+    at_step = state.replace(step=jax.device_put(np.asarray(step, state.step.dtype),
+                                                state.step.sharding))
+    ckpt.save(step, at_step, {"step": step}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  return str(workdir)

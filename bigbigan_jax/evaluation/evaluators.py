@@ -42,6 +42,7 @@ from bigbigan_jax import inference
 from bigbigan_jax.evaluation import fid_eval
 from bigbigan_jax.evaluation import judge_eval
 from bigbigan_jax.evaluation import probe_eval
+from bigbigan_jax.reporting import curves
 from bigbigan_jax.reporting import metric_writer
 from bigbigan_jax.training import checkpoint as checkpoint_lib
 
@@ -157,3 +158,48 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
   report(model.step, results, workdir, writer)
   return results
+
+
+def sweep_steps(workdir: str, steps: str) -> list[int]:
+  """The checkpoint steps `--steps` names ("all", or "N,M,..."), ascending.
+
+  Raises:
+    ValueError: a listed step has no checkpoint (the message lists those that do).
+  """
+  available = inference.checkpoint_steps(workdir)
+  if steps.strip() == "all":
+    return available
+  try:
+    wanted = sorted({int(s) for s in steps.split(",") if s.strip()})
+  except ValueError:
+    raise ValueError(f"--steps={steps!r}: give 'all' or step numbers, e.g. --steps=500,1000"
+                     ) from None
+  missing = [s for s in wanted if s not in available]
+  if missing or not wanted:
+    raise ValueError(f"--steps={steps}: no checkpoint at step(s) {missing or wanted} in "
+                     f"{workdir}; it has {', '.join(map(str, available)) or 'none'}")
+  return wanted
+
+
+def evaluate_steps(config: ml_collections.ConfigDict, workdir: str,
+                   steps: str) -> dict[int, dict[str, float]]:
+  """`--mode=eval --steps=all|N,M`: `evaluate` on each named checkpoint that has no result in
+  WORKDIR/eval/ yet, oldest first, then the learning curves redrawn.
+
+  A result already there is not redone, and each is written as soon as it is computed, so a
+  sweep that was stopped resumes where it stopped when run again.
+
+  Returns:
+    {step: results} of the steps evaluated now.
+  """
+  check(config, workdir)
+  todo = [s for s in sweep_steps(workdir, steps)
+          if not tf.io.gfile.exists(results_path(workdir, s))]
+  logging.info("Evaluating %d checkpoint(s) without results in %s: %s.", len(todo), workdir,
+               ", ".join(map(str, todo)) or "none")
+  done = {}
+  for step in todo:
+    done[step] = evaluate(config, workdir, step)
+  if jax.process_index() == 0:
+    curves.plot(workdir)
+  return done

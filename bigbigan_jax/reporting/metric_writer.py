@@ -69,6 +69,12 @@ class MetricWriter:
       for name, image in images.items():
         tf.summary.image(name, np.asarray(image)[None], max_outputs=1)
 
+  def text(self, step: int, name: str, text: str):
+    if not self._writer:
+      return
+    with self._writer.as_default(step=step):
+      tf.summary.text(name, text)
+
   def flush(self):
     if self._writer:
       self._writer.flush()

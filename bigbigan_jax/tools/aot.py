@@ -42,7 +42,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from bigbigan_jax import config as config_lib
+from bigbigan_jax import overrides as overrides_lib
 from bigbigan_jax import environment
 from bigbigan_jax.models import flops as flops_lib
 from bigbigan_jax.models import networks
@@ -395,6 +395,6 @@ def use_compile_only_environment():
 
 if __name__ == "__main__":
   use_compile_only_environment()
-  config_lib.exit_on_unknown_override()
+  overrides_lib.exit_on_unknown_override()
   define_flags()
   app.run(main)

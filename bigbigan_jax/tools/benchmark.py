@@ -48,7 +48,7 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from bigbigan_jax import config as config_lib
+from bigbigan_jax import overrides as overrides_lib
 from bigbigan_jax import environment
 from bigbigan_jax.models import flops as flops_lib
 from bigbigan_jax.training import state as state_lib
@@ -321,6 +321,6 @@ def main(argv):
 
 if __name__ == "__main__":
   environment.set_entry_point_defaults()
-  config_lib.exit_on_unknown_override()
+  overrides_lib.exit_on_unknown_override()
   define_flags()
   app.run(main)

@@ -41,6 +41,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from bigbigan_jax import config as config_lib
+from bigbigan_jax import overrides as overrides_lib
 from bigbigan_jax.tools import aot
 from bigbigan_jax.tools import tpu_slices
 
@@ -167,10 +168,14 @@ def search(config: ml_collections.ConfigDict, tpu: tpu_slices.TpuSlice,
       # anchored at the train state's and batch's bytes, which no micro-batch size shrinks.
       points = [(s, c.bytes) for s, c in tried.items() if c.bytes is not None]
       fit_at = None
-      if len(points) >= 2:
+      by_size = [b for _, b in sorted(points)]
+      if len(points) >= 2 and all(a < b for a, b in zip(by_size, by_size[1:])):
         intercept, slope = _fit_line(points)
         fit_at = lambda s, i=intercept, b=slope: i + b * s
-      elif points:
+      # Otherwise a smaller micro-batch needed as many bytes or more (XLA reports what it held
+      # when it gave up, which depends on how far its rematerialisation got): no line, and the
+      # search steps down one size at a time.
+      elif len(points) == 1:
         (s0, b0), anchor = points[0], tried[points[0][0]].report["argument_bytes"]
         fit_at = lambda s, s0=s0, b0=b0, a=anchor: a + (b0 - a) * s / s0
       # Sizes still open: untried, below every size that failed, above the best that fits.
@@ -330,6 +335,6 @@ def main(argv):
 
 if __name__ == "__main__":
   aot.use_compile_only_environment()
-  config_lib.exit_on_unknown_override()
+  overrides_lib.exit_on_unknown_override()
   define_flags()
   app.run(main)

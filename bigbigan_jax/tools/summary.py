@@ -16,7 +16,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from bigbigan_jax import config as config_lib
+from bigbigan_jax import overrides as overrides_lib
 from bigbigan_jax import environment
 from bigbigan_jax.models import networks
 
@@ -84,6 +84,6 @@ def main(argv):
 
 if __name__ == "__main__":
   environment.set_entry_point_defaults()
-  config_lib.exit_on_unknown_override()
+  overrides_lib.exit_on_unknown_override()
   define_flags()
   app.run(main)

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import logging as std_logging
+import math
 import os
 import sys
 import tempfile
@@ -284,25 +285,99 @@ def restore_newest_intact(workdir: str, config: ml_collections.ConfigDict, abstr
   return found
 
 
+def steps_to_keep(steps, *, latest: int, every: int = 0, best: int = 0,
+                  results: dict[int, float] | None = None, mode: str = "max") -> set[int]:
+  """Which checkpoint steps stay: the newest `latest`; every multiple of `every` (> 0); and
+  the `best` best by `results` ({step: metric}, lower is better for mode "min", higher for
+  "max"). A NaN result is never among the best; of equal results the earlier step ranks
+  first (it was there first, and the order does not depend on when pruning runs)."""
+  steps = sorted(set(steps))
+  keep = set(steps[-latest:]) if latest > 0 else set()
+  if every > 0:
+    keep |= {s for s in steps if s % every == 0}
+  if best > 0 and results:
+    sign = 1.0 if mode == "min" else -1.0
+    ranked = sorted((sign * float(v), s) for s, v in results.items()
+                    if s in steps and math.isfinite(float(v)))
+    keep |= {s for _, s in ranked[:best]}
+  return keep
+
+
+def read_results(workdir: str, metric: str) -> dict[int, float]:
+  """{step: value} of `metric` in WORKDIR/eval/step_*.json (what the evaluators wrote)."""
+  directory = os.path.join(workdir, "eval")
+  if not metric or not tf.io.gfile.isdir(directory):
+    return {}
+  found = {}
+  for name in tf.io.gfile.listdir(directory):
+    if name.startswith("step_") and name.endswith(".json"):
+      with tf.io.gfile.GFile(os.path.join(directory, name)) as f:
+        record = json.load(f)
+      if metric in record.get("results", {}):
+        found[int(record["step"])] = float(record["results"][metric])
+  return found
+
+
 class Checkpoints:
-  """Save and restore of (train state, data position, meta) at a step."""
+  """Save and restore of (train state, data position, meta) at a step, and which steps stay.
+
+  Kept: the newest `config.keep_checkpoints`, every multiple of `config.keep_every_steps`
+  (permanent snapshots), and the `config.keep_best` best by `config.keep_best_metric` among
+  the evaluation results `record`ed (and those found in WORKDIR/eval/ when the run resumes).
+  Every other step is deleted when a newer save starts or a result arrives. The policy is
+  applied here rather than by orbax's rotation, so that a result that arrives after its
+  step was saved (the trainer evaluates after saving) can still keep that step.
+  """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     self.workdir = workdir
     self._signature = model_signature(config)
     self._config_json = config.to_json()
-    self._manager = _manager(workdir, keep=config.keep_checkpoints,
-                             every=config.checkpoint_every_steps)
+    self._manager = _manager(workdir, keep=None, every=config.checkpoint_every_steps)
+    self._policy = dict(latest=config.keep_checkpoints, every=config.keep_every_steps,
+                        best=config.keep_best, mode=config.keep_best_mode)
+    self._metric = config.keep_best_metric if config.keep_best else ""
+    self._results = read_results(workdir, self._metric)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it started a save."""
+    if not (force or self._manager.should_save(step)):
+      return False
+    self._manager.wait_until_finished()  # The previous save, before counting the steps.
+    self._prune(also=step)
     meta = {"signature": self._signature, "config": self._config_json, "step": step}
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta)), force=force)
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def record(self, step: int, results: dict[str, float]):
+    """An evaluation's results at `step` (a saved step): may keep it, or free a worse one."""
+    if self._metric and self._metric in results:
+      self._results[step] = float(results[self._metric])
+      self._manager.wait_until_finished()
+      self._prune()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def kept_best(self) -> list[int]:
+    """The steps kept for their result, best first."""
+    steps = self._manager.all_steps()
+    best = steps_to_keep(steps, latest=0, best=self._policy["best"], results=self._results,
+                         mode=self._policy["mode"])
+    sign = 1.0 if self._policy["mode"] == "min" else -1.0
+    return sorted(best, key=lambda s: (sign * self._results[s], s))
+
+  def _prune(self, also: int | None = None):
+    steps = list(self._manager.all_steps())
+    keep = steps_to_keep(steps + ([] if also is None else [also]), results=self._results,
+                         **self._policy)
+    for step in steps:
+      if step not in keep:
+        self._manager.delete(step)
 
   def restore(self, step: int, abstract_state):
     """Restores the train state onto the shardings of `abstract_state` (any device count)."""

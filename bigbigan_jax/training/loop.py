@@ -1,9 +1,9 @@
-"""The training loop: set-up and resume, the steps, logs, previews, checkpoints and
-evaluations.
+"""The pieces of the training loop below the evaluators: set-up and resume (`prepare`), the
+non-finite check, and the sample and reconstruction previews. `bigbigan_jax.train` runs the
+loop itself, with the evaluators and checkpoint keeping, from above both.
 
 `prepare` does every check that can fail on bad input (and the restore) before anything is
-compiled; `train_and_evaluate` runs from there to `config.num_train_steps`, saving on
-preemption and stopping at the first non-finite loss with the last good checkpoint intact.
+compiled.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import math
 import os
 from typing import Any, NamedTuple
 
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -25,12 +24,8 @@ from bigbigan_jax.data import pipeline
 from bigbigan_jax.models import networks
 from bigbigan_jax.models.networks import E
 from bigbigan_jax.models.networks import G
-from bigbigan_jax.reporting import curves
 from bigbigan_jax.reporting import images as images_lib
-from bigbigan_jax.reporting import metric_writer
 from bigbigan_jax.training import checkpoint as checkpoint_lib
-from bigbigan_jax.training import faults
-from bigbigan_jax.training import objectives
 from bigbigan_jax.training import state as state_lib
 from bigbigan_jax.training import step as step_lib
 
@@ -79,125 +74,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
   return Prepared(nets, mesh, abstract_state, resume_step, state, train_iter)
 
 
-def check(config: ml_collections.ConfigDict, workdir: str):
-  """`--dry_run`: what `prepare` checks, without restoring or writing anything."""
-  state_lib.setup(config)
-  _, data_state = checkpoint_lib.check_compatible(workdir, config)
-  pipeline.create_input_iter(config, split=config.data.train_split, start_state=data_state,
-                             train=True)
-  # Deferred, as in train_and_evaluate.
-  from bigbigan_jax.evaluation import \
-      evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
-  evaluators_lib.build(config, workdir, skip_unavailable=True)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
-  """Trains (or resumes training) in `workdir` up to config.num_train_steps.
-
-  The workdir receives checkpoints/ (orbax), tensorboard/ (event files), samples/ (EMA G at
-  fixed z) and, for BigBiGAN, reconstructions/ (real | G(E(x))) as PNG grids. config.evals
-  run every config.eval_every_steps and at the end, into eval/ (JSON) and TensorBoard.
-
-  Returns:
-    The final train state.
-  """
-  nets, mesh, abstract_state, resume_step, state, train_iter = prepare(config, workdir)
-  # Deferred: evaluators builds inference.Model, and inference imports this module.
-  from bigbigan_jax.evaluation import \
-      evaluators as evaluators_lib  # pylint: disable=g-import-not-at-top
-
-  # FID without Inception weights is skipped with one warning here, not a crash hours in.
-  evals = evaluators_lib.build(config, workdir, skip_unavailable=True)
-  primary = jax.process_index() == 0
-  ckpt = checkpoint_lib.Checkpoints(workdir, config)
-  if resume_step is not None:
-    logging.info("Resuming from %s at step %d.", checkpoint_lib.checkpoint_dir(workdir),
-                 resume_step)
-  else:
-    logging.info("Starting from scratch in %s.", workdir)
-    state = state_lib.make_init_fn(nets, config, abstract_state)(jax.random.PRNGKey(config.seed))
-  start = int(state.step)
-  batches = step_lib.stacked_batches(train_iter, config.optim.d_steps)
-  step_fn = step_lib.make_train_step(nets, config, mesh, abstract_state)
-
-  writer = metric_writer.MetricWriter(workdir, enabled=primary)
-  progress = metric_writer.Progress(start, config.num_train_steps,
-                                    config.batch_size * config.optim.d_steps)
-  previews = _Previews(nets, config, mesh, workdir, writer)
-  preemption = faults.Preemption()
-  watch = None
-  if jax.process_count() > 1:
-    watch = faults.ProcessWatch(config.lost_process_timeout_s, workdir).start()
-  if start == 0 and primary:
-    with open_text(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
-
-  console_keys = objectives.build(nets, config.loss).console_keys
-  previous = None  # (step, metrics) of the step before, checked once the next is queued.
-  try:
-    for step in range(start + 1, config.num_train_steps + 1):
-      local = next(batches)
-      # Everything below runs collectives: in a multi-process run, one that fails means a
-      # process was lost, and this one exits saying so.
-      with faults.collectives(f"Step {step}", workdir):
-        if step == start + 1:
-          previews.set_reals(local["image"][-1])
-        batch = step_lib.to_global(local, config, nets, mesh)
-        if step == start + 1:
-          step_fn = faults.compile_on_every_process(step_fn, state, batch)
-        state, metrics = step_fn(state, batch)
-        # Checking one step late keeps the device busy while the host looks; the run still
-        # stops at the first non-finite step, before any checkpoint of it is written.
-        if previous is not None:
-          _check_finite(jax.device_get(previous[1]), previous[0], ckpt)
-        previous = (step, metrics)
-        if step == start + 1:
-          jax.block_until_ready(metrics)
-          logging.info("First step done (compiled). Training to step %d.",
-                       config.num_train_steps)
-          progress.start(step)
-        last = step == config.num_train_steps
-        # Called on every process at every step: the preemption service agrees on the step.
-        stop = preemption.reached(step)
-        if step % config.log_every_steps == 0 or last or stop:
-          host_metrics = _check_finite(jax.device_get(metrics), step, ckpt)
-          rates = progress.report(step, host_metrics, console_keys)
-          writer.scalars(step, {**host_metrics, **rates})
-        if step % config.sample_every_steps == 0 or last:
-          previews.write(step, state)
-        if step % config.checkpoint_every_steps == 0 or last or stop:
-          _check_finite(jax.device_get(metrics), step, ckpt)
-          ckpt.save(step, state, train_iter.get_state(), force=True)
-        # After the save: an evaluation that fails loses no training.
-        if evals and (last or (config.eval_every_steps and step % config.eval_every_steps == 0)):
-          evaluators_lib.report(step, evaluators_lib.run_on_state(evals, nets, state, config),
-                                workdir, writer)
-          if config.eval_every_steps and primary:
-            curves.plot(workdir)
-          progress.start(step)  # The next rate leaves the evaluation's time out.
-        if stop:
-          ckpt.wait()
-          logging.warning("Stopped at step %d for preemption; the checkpoint is saved. Rerun "
-                          "the same command to resume.", step)
-          break
-    if watch is not None:
-      watch.finished()  # The others need not wait for this process any more.
-  finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.flush()
-    preemption.close()
-    if watch is not None:
-      watch.stop()
-  return state
-
-
 def open_text(path: str, mode: str):
   import tensorflow as tf  # Deferred: gfile (GCS-capable), and TF is loaded by then anyway.
   return tf.io.gfile.GFile(path, mode)
 
 
-def _check_finite(metrics: dict, step: int, ckpt: checkpoint_lib.Checkpoints) -> dict:
+def check_finite(metrics: dict, step: int, ckpt: checkpoint_lib.Checkpoints) -> dict:
   """Stops the run at the first non-finite loss, leaving the last good checkpoint alone."""
   bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
   if bad:
@@ -210,7 +92,7 @@ def _check_finite(metrics: dict, step: int, ckpt: checkpoint_lib.Checkpoints) ->
   return metrics
 
 
-class _Previews:
+class Previews:
   """Sample grids of the EMA generator at fixed z, and real | G(E(x)) reconstructions."""
 
   def __init__(self, nets, config, mesh, workdir, writer):
