@@ -42,17 +42,3 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 def load_config():
   """load_config("tiny.py:biggan") → the ConfigDict of configs/tiny.py's biggan variant."""
   return lambda name: config_lib.load(str(CONFIGS / name))
-
-
-# The files that take longest on a cold start, longest first. xdist's `--dist loadfile` hands
-# whole files to the two workers in collection order: starting the long ones at once and
-# leaving the short ones to fill the end keeps one worker from running alone at the finish.
-LONGEST_FIRST = ("test_train.py", "test_faults.py", "test_aot.py", "test_accumulation.py",
-                 "test_multihost.py", "test_scale_options.py", "test_models.py",
-                 "test_losses.py", "test_sample.py", "test_inference.py", "test_evaluators.py",
-                 "test_readme.py", "test_objectives.py")
-
-
-def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable within a file.
