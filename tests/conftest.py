@@ -29,6 +29,7 @@ import jax  # noqa: E402  (after the environment above)
 
 assert jax.config.values["jax_disable_most_optimizations"], "set from the environment above"
 
+import gc  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -42,3 +43,28 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 def load_config():
   """load_config("tiny.py:biggan") → the ConfigDict of configs/tiny.py's biggan variant."""
   return lambda name: config_lib.load(str(CONFIGS / name))
+
+
+# Each XLA:CPU executable holds thousands of memory mappings (about 4,800 for the tiny train
+# step and its init together), and a Linux process may hold vm.max_map_count of them (65,530
+# by default). Past that, the next compile or persistent-cache write dies of a segmentation
+# fault: a test worker that runs half the suite in one process got there (36,762 mappings
+# after three of the step-compiling files). Past MAX_MAPPINGS the worker drops jax's compiled
+# programs after the test; what a later test needs comes back from the persistent cache.
+MAX_MAPPINGS = 30_000
+
+
+def _mappings() -> int:
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:  # Not Linux: no such limit to mind.
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_mappings():
+  yield
+  if _mappings() > MAX_MAPPINGS:
+    jax.clear_caches()
+    gc.collect()
