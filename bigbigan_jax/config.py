@@ -155,6 +155,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.lost_process_timeout_s = 120.0
 
   c.log_every_steps = 100
+  # TensorBoard's event files; "" is WORKDIR/tensorboard. Any folder TensorFlow's filesystem
+  # reaches (local, gs://): tf.summary writes them, not bigbigan_jax/storage.py.
+  c.tensorboard_dir = ""
   c.checkpoint_every_steps = 5_000
   # Kept: the newest keep_checkpoints, every multiple of keep_every_steps (0: none), and the
   # keep_best best by keep_best_metric, a key of eval/step_*.json ("samples/classifier_fid"

@@ -140,8 +140,9 @@ def results_line(config, workdir: str, mode: str) -> str:
     return f"Done. The results are in {workdir}/eval/ and in TensorBoard."
   grids = "samples/ and reconstructions/" if config.model.kind == "bigbigan" else "samples/"
   evals = "eval/ (the evaluations), " if config.evals else ""
+  logdir = config.tensorboard_dir or workdir
   return (f"Done. In {workdir}: {grids} (PNG grids), {evals}checkpoints/; "
-          f"tensorboard --logdir {workdir}")
+          f"tensorboard --logdir {logdir}")
 
 
 if __name__ == "__main__":

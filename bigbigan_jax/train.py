@@ -9,12 +9,12 @@ the last good checkpoint intact.
 
 from __future__ import annotations
 
-import os
 
 from absl import logging
 import jax
 import ml_collections
 
+from bigbigan_jax import storage
 from bigbigan_jax.data import pipeline
 from bigbigan_jax.evaluation import evaluators as evaluators_lib
 from bigbigan_jax.reporting import curves
@@ -63,7 +63,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   batches = step_lib.stacked_batches(train_iter, config.optim.d_steps)
   step_fn = step_lib.make_train_step(nets, config, mesh, abstract_state)
 
-  writer = metric_writer.MetricWriter(workdir, enabled=primary)
+  writer = metric_writer.MetricWriter(metric_writer.tensorboard_dir(config, workdir),
+                                      enabled=primary)
   progress = metric_writer.Progress(start, config.num_train_steps,
                                     config.batch_size * config.optim.d_steps)
   previews = loop.Previews(nets, config, mesh, workdir, writer)
@@ -72,8 +73,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   if jax.process_count() > 1:
     watch = faults.ProcessWatch(config.lost_process_timeout_s, workdir).start()
   if start == 0 and primary:
-    with loop.open_text(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+    storage.write_bytes(storage.join(workdir, "config.json"), config.to_json(indent=2).encode())
 
   console_keys = objectives.build(nets, config.loss).console_keys
   monitor = collapse.Monitor(config)

@@ -29,16 +29,15 @@ examples, in order), since each compiled call spans all devices; only process 0 
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import logging
 import jax
 import ml_collections
-import tensorflow as tf
 
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import inference
+from bigbigan_jax import storage
 from bigbigan_jax.evaluation import fid_eval
 from bigbigan_jax.evaluation import judge_eval
 from bigbigan_jax.evaluation import probe_eval
@@ -116,10 +115,7 @@ def report(step: int, results: dict[str, float], workdir: str,
   writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
   writer.flush()
   if jax.process_index() == 0:
-    path = results_path(workdir, step)
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path, "w") as f:
-      json.dump({"step": step, "results": results}, f, indent=2, sort_keys=True)
+    storage.write_json(results_path(workdir, step), {"step": step, "results": results})
 
 
 def check(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -155,7 +151,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = inference.load(workdir, step, batch_size=config.eval.batch_size)
   logging.info("Evaluating %s at step %d: %s.", workdir, model.step, ", ".join(names))
   results = run(evaluators, model)
-  writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metric_writer.MetricWriter(metric_writer.tensorboard_dir(config, workdir),
+                                      enabled=jax.process_index() == 0)
   report(model.step, results, workdir, writer)
   return results
 
@@ -194,7 +191,7 @@ def evaluate_steps(config: ml_collections.ConfigDict, workdir: str,
   """
   check(config, workdir)
   todo = [s for s in sweep_steps(workdir, steps)
-          if not tf.io.gfile.exists(results_path(workdir, s))]
+          if not storage.exists(results_path(workdir, s))]
   logging.info("Evaluating %d checkpoint(s) without results in %s: %s.", len(todo), workdir,
                ", ".join(map(str, todo)) or "none")
   done = {}

@@ -9,16 +9,15 @@ Inception Score over `eval.is_splits` splits. The weights come from the local fi
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from bigbigan_jax import inference
+from bigbigan_jax import storage
 from bigbigan_jax.evaluation import common
 from bigbigan_jax.evaluation import inception as inception_lib
 from bigbigan_jax.evaluation import inception_weights
@@ -28,12 +27,6 @@ from bigbigan_jax.models import networks
 
 class MissingInceptionWeights(FileNotFoundError):
   """FID/IS were asked for, but `config.eval.inception_path` names no file."""
-
-
-def _copy_to_local(path: str, directory: str) -> str:
-  local = os.path.join(directory, os.path.basename(path))
-  tf.io.gfile.copy(path, local, overwrite=True)
-  return local
 
 
 class FidInceptionScore:
@@ -48,7 +41,7 @@ class FidInceptionScore:
       MissingInceptionWeights: eval.inception_path is empty or names no file.
     """
     path = config.eval.inception_path
-    if not path or not tf.io.gfile.exists(path):
+    if not path or not storage.exists(path):
       where = ("config.eval.inception_path is empty" if not path
                else f"config.eval.inception_path={path!r} names no file")
       raise MissingInceptionWeights(
@@ -67,8 +60,7 @@ class FidInceptionScore:
   def _inception_fn(self, mesh):
     if self._inception is None:
       path = self.config.eval.inception_path
-      with tempfile.TemporaryDirectory() as tmp:
-        local = path if os.path.isfile(path) else _copy_to_local(path, tmp)
+      with storage.local_copy(path) as local:
         self._inception = inception_weights.load_inception(local)
     if mesh not in self._fns:
       self._fns[mesh] = inception_lib.make_inception_fn(*self._inception, mesh=mesh)
@@ -118,10 +110,8 @@ class FidInceptionScore:
     if self._reference is not None:
       return self._reference
     path = self.stats_path()
-    if tf.io.gfile.exists(path):
-      with tempfile.TemporaryDirectory() as tmp:
-        local = path if os.path.isfile(path) else _copy_to_local(path, tmp)
-        mu, sigma, meta = metrics_lib.load_stats(local, with_meta=True)
+    if storage.exists(path):
+      mu, sigma, meta = metrics_lib.load_stats(path, with_meta=True)
       stale = {k: (meta[k], v) for k, v in self._stats_meta().items()
                if k in meta and meta[k] != v}
       if not stale:
@@ -138,11 +128,7 @@ class FidInceptionScore:
     pools = np.concatenate(pools)
     mu, sigma = metrics_lib.feature_stats(pools)
     if jax.process_index() == 0:
-      tf.io.gfile.makedirs(os.path.dirname(path) or ".")
-      with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "stats.npz")
-        metrics_lib.save_stats(local, mu, sigma, num_examples=len(pools), **self._stats_meta())
-        tf.io.gfile.copy(local, path, overwrite=True)
+      metrics_lib.save_stats(path, mu, sigma, num_examples=len(pools), **self._stats_meta())
     logging.info("FID reference statistics of %d real images written to %s.", len(pools), path)
     self._reference = (mu, sigma)
     return self._reference

@@ -27,6 +27,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from bigbigan_jax import storage
+
 _STATS_KEYS = ("mu", "sigma")
 
 
@@ -180,10 +182,7 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **met
     if array.dtype == object:
       raise ValueError(f"meta[{key!r}] = {value!r} cannot be stored without pickle")
     arrays[key] = array
-  path = os.fspath(path)
-  tmp = path + ".tmp.npz"  # np.savez appends .npz to names without it.
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  storage.save_npz(os.fspath(path), **arrays)
 
 
 def load_stats(path: str | os.PathLike, *, with_meta: bool = False):
@@ -202,9 +201,9 @@ def load_stats(path: str | os.PathLike, *, with_meta: bool = False):
     ValueError: the file lacks `mu` or `sigma`.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"FID statistics not found at {path!r}")
-  with np.load(path, allow_pickle=False) as data:
+  with storage.local_copy(path) as local, np.load(local, allow_pickle=False) as data:
     missing = [k for k in _STATS_KEYS if k not in data.files]
     if missing:
       raise ValueError(f"{path!r} lacks {missing}; it holds {sorted(data.files)}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -16,10 +15,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
-import tensorflow as tf
 
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import sharding as sharding_lib
+from bigbigan_jax import storage
 from bigbigan_jax.data import sources
 from bigbigan_jax.inference import model as model_lib
 from bigbigan_jax.models import networks
@@ -72,7 +71,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the complete checkpoints in `workdir`, ascending (orbax's listing: a step
   is written under a temporary name and renamed when complete, so partial ones are left out)."""
   directory = checkpoint_lib.checkpoint_dir(workdir)
-  if not tf.io.gfile.isdir(directory):
+  if not storage.isdir(directory):
     return []
   return sorted(ocp.utils.checkpoint_steps(directory))
 
@@ -161,15 +160,14 @@ def image_files(paths: Sequence[str]) -> list[str]:
   """
   files = []
   for path in paths:
-    if tf.io.gfile.isdir(path):
-      names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(path))
-      found = [os.path.join(path, n) for n in names
+    if storage.isdir(path):
+      found = [storage.join(path, n) for n in storage.listdir(path)
                if n.lower().endswith(sources.IMAGE_EXTENSIONS)]
       if not found:
         raise FileNotFoundError(f"{path} has no images (files ending in "
                                 f"{', '.join(sources.IMAGE_EXTENSIONS)})")
       files += found
-    elif tf.io.gfile.exists(path):
+    elif storage.exists(path):
       files.append(path)
     else:
       raise FileNotFoundError(f"no such image file or folder: {path}")
@@ -191,8 +189,7 @@ def load_images(paths: Sequence[str], resolution: int) -> np.ndarray:
   """
   out = []
   for path in image_files(paths):
-    with tf.io.gfile.GFile(path, "rb") as f:
-      data = f.read()
+    data = storage.read_bytes(path)
     try:
       image = Image.open(io.BytesIO(data))
       image.load()

@@ -9,10 +9,9 @@ recon/class_keep (all accuracies in [0, 1]); right: the judge's classifier IS of
 from __future__ import annotations
 
 import io
-import json
 import os
 
-import tensorflow as tf  # gfile: the workdir may be on GCS.
+from bigbigan_jax import storage
 
 # Probe and judge series: (result key, legend label, line style).
 ACCURACY_SERIES = (
@@ -31,9 +30,8 @@ SCORE_SERIES = (("samples/classifier_is", "samples classifier IS", "-"),)
 def read_results(workdir: str) -> list[tuple[int, dict[str, float]]]:
   """Every eval/step_*.json of a workdir, as (step, results), in step order."""
   runs = []
-  for path in tf.io.gfile.glob(os.path.join(workdir, "eval", "step_*.json")):
-    with tf.io.gfile.GFile(path) as f:
-      record = json.load(f)
+  for path in storage.glob(storage.join(workdir, "eval"), "step_*.json"):
+    record = storage.read_json(path)
     runs.append((int(record["step"]), record["results"]))
   return sorted(runs, key=lambda r: r[0])
 
@@ -69,6 +67,4 @@ def plot(workdir: str, out: str | None = None) -> str | None:
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=100)
   plt.close(fig)
-  with tf.io.gfile.GFile(out, "wb") as f:
-    f.write(buffer.getvalue())
-  return out
+  return storage.write_bytes(out, buffer.getvalue())

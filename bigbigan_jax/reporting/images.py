@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 from PIL import Image
-import tensorflow as tf
+
+from bigbigan_jax import storage
 
 
 def to_uint8(images) -> np.ndarray:
@@ -43,12 +43,9 @@ def interleave(a, b) -> np.ndarray:
 def save_png(path: str, image: np.ndarray) -> str:
   """Writes an (H, W, 3) uint8 image (or (H, W, 1) grey), creating parent folders.
 
-  Goes through tf.io.gfile so a workdir on gs:// works as a local one does.
+  Goes through `storage`, so a workdir on gs:// works as a local one does.
   """
-  tf.io.gfile.makedirs(os.path.dirname(path) or ".")
   image = image[..., 0] if image.shape[-1] == 1 else image
   buffer = io.BytesIO()
   Image.fromarray(image).save(buffer, format="PNG")
-  with tf.io.gfile.GFile(path, "wb") as f:
-    f.write(buffer.getvalue())
-  return path
+  return storage.write_bytes(path, buffer.getvalue())

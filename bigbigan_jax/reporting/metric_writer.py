@@ -45,14 +45,20 @@ def _duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-class MetricWriter:
-  """TensorBoard scalars and images under `workdir/tensorboard`, and a console line."""
+def tensorboard_dir(config, workdir: str) -> str:
+  """config.tensorboard_dir, or WORKDIR/tensorboard when that is empty."""
+  return config.get("tensorboard_dir") or os.path.join(workdir, "tensorboard")
 
-  def __init__(self, workdir: str, enabled: bool = True):
+
+class MetricWriter:
+  """TensorBoard scalars, images and text in `logdir` (through TensorFlow's filesystem, the
+  one client that makes a flushed event file visible on GCS at once), and a console line."""
+
+  def __init__(self, logdir: str, enabled: bool = True):
     self.enabled = enabled
     self._writer = None
     if enabled:
-      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self._writer = tf.summary.create_file_writer(logdir)
 
   def scalars(self, step: int, values: dict):
     if not self._writer:

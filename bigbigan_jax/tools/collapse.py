@@ -4,8 +4,8 @@ r"""Replays the collapse rules over a finished (or running) workdir's logged met
   python -m bigbigan_jax.tools.collapse --workdir=gs://b/run --set=collapse.sigma_growth=3
   python -m bigbigan_jax.tools.collapse --workdir=workdir_digits --stream_out=stream.json
 
-Reads the scalars the trainer wrote to WORKDIR/tensorboard and the results in WORKDIR/eval,
-feeds them to `bigbigan_jax.training.collapse.Monitor` in step order with the run's own
+Reads the scalars the trainer wrote to TensorBoard (WORKDIR/tensorboard, or the run's
+config.tensorboard_dir) and the results in WORKDIR/eval, feeds them to `bigbigan_jax.training.collapse.Monitor` in step order with the run's own
 config (WORKDIR/config.json) with any --set=FIELD=VALUE changes, and prints each rule that
 fires, or that none did, and the largest value each rule saw against its limit: how close
 the run came, and how to set the rules for the next one. --stream_out writes the per-step
@@ -14,7 +14,6 @@ metrics it read as JSON.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -25,6 +24,7 @@ import ml_collections
 
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import environment
+from bigbigan_jax import storage
 
 FLAGS = flags.FLAGS
 CONSOLE = re.compile(r"^(sigma0/.*|d_accuracy|g_loss|d_loss|eg_loss)$")
@@ -37,12 +37,11 @@ def define_flags():
   flags.mark_flag_as_required("workdir")
 
 
-def read_stream(workdir: str) -> dict[int, dict[str, float]]:
-  """The rules' metrics at each logged step, from the workdir's TensorBoard events."""
+def read_stream(directory: str) -> dict[int, dict[str, float]]:
+  """The rules' metrics at each logged step, from the TensorBoard events in `directory`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   stream: dict[int, dict[str, float]] = {}
-  directory = os.path.join(workdir, "tensorboard")
   for name in sorted(tf.io.gfile.listdir(directory)):
     for record in tf.data.TFRecordDataset(os.path.join(directory, name)):
       event = event_pb2.Event.FromString(record.numpy())
@@ -93,13 +92,11 @@ def margins(config: ml_collections.ConfigDict, stream: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from bigbigan_jax.reporting import curves  # pylint: disable=g-import-not-at-top
   path = os.path.join(FLAGS.workdir, "config.json")
-  if not tf.io.gfile.exists(path):
+  if not storage.exists(path):
     sys.exit(f"error: no {path}: point --workdir at a training run's directory")
-  with tf.io.gfile.GFile(path) as f:
-    config = config_lib.with_defaults(json.load(f))
+  config = config_lib.with_defaults(storage.read_json(path))
   for change in FLAGS.set:
     key, _, value = change.partition("=")
     node = config
@@ -109,11 +106,11 @@ def main(argv):
     old = node[leaf]
     node[leaf] = (value == "True") if isinstance(old, bool) else type(old)(value)
   config_lib.validate(config)
-  stream = read_stream(FLAGS.workdir)
+  from bigbigan_jax.reporting import metric_writer  # pylint: disable=g-import-not-at-top
+  stream = read_stream(metric_writer.tensorboard_dir(config, FLAGS.workdir))
   evals = dict(curves.read_results(FLAGS.workdir))
   if FLAGS.stream_out:
-    with tf.io.gfile.GFile(FLAGS.stream_out, "w") as f:
-      json.dump({str(k): v for k, v in sorted(stream.items())}, f, indent=1, sort_keys=True)
+    storage.write_json(FLAGS.stream_out, {str(k): v for k, v in sorted(stream.items())})
   alarms = replay(config, stream, evals)
   steps = sorted(stream)
   print(f"{len(steps)} logged steps ({steps[0] if steps else '-'} to "

@@ -24,9 +24,10 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
-import tensorflow as tf
 
 from bigbigan_jax import config as config_lib
+from bigbigan_jax import storage
+from bigbigan_jax.reporting import curves
 
 ITEMS = ("state", "data", "meta")
 # Fields that change numerics or memory but not what is stored: a run may resume with them
@@ -36,9 +37,7 @@ RESUMABLE_MODEL_FIELDS = ("dtype", "remat", "conv_weight_grad", "resample_convs"
 
 def checkpoint_dir(workdir: str) -> str:
   """WORKDIR/checkpoints, absolute: orbax refuses relative paths (--workdir=run1 is fine)."""
-  if "://" not in workdir:
-    workdir = os.path.abspath(workdir)
-  return os.path.join(workdir, "checkpoints")
+  return storage.join(storage.absolute(workdir), "checkpoints")
 
 
 def _json(value):
@@ -114,7 +113,7 @@ def _manager(workdir: str, *, keep: int = 1, every: int = 1, async_save: bool = 
 
 def read_latest(workdir: str) -> tuple[int | None, dict | None, dict | None]:
   """(step, meta, data position) of the newest checkpoint, or Nones. Writes nothing."""
-  if not tf.io.gfile.isdir(checkpoint_dir(workdir)):
+  if not storage.isdir(checkpoint_dir(workdir)):
     return None, None, None
   manager = _manager(workdir, create=False)  # Only reads: no save, no delete.
   step = manager.latest_step()
@@ -233,7 +232,7 @@ def restore_newest_intact(workdir: str, config: ml_collections.ConfigDict, abstr
     ValueError: the newest readable checkpoint is of a different model, or no step reads
       back (then nothing is moved).
   """
-  if not tf.io.gfile.isdir(checkpoint_dir(workdir)):
+  if not storage.isdir(checkpoint_dir(workdir)):
     return None, None, None
   manager = _manager(workdir, create=False)  # Only reads: no save, no delete.
   damaged = []
@@ -269,13 +268,11 @@ def restore_newest_intact(workdir: str, config: ml_collections.ConfigDict, abstr
         "Restore those step folders from a copy, or move checkpoints/ away to start from "
         "scratch. Nothing was changed.")
   if jax.process_index() == 0:
-    target_root = damaged_dir(workdir)
-    tf.io.gfile.makedirs(target_root)
     for step, _ in damaged:
-      target = os.path.join(target_root, str(step))
-      while tf.io.gfile.exists(target):
+      target = storage.join(damaged_dir(workdir), str(step))
+      while storage.exists(target):
         target += "_again"
-      tf.io.gfile.rename(os.path.join(checkpoint_dir(workdir), str(step)), target)
+      storage.move(storage.join(checkpoint_dir(workdir), str(step)), target)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("bigbigan_jax: damaged checkpoints moved")
   logging.warning(
@@ -305,17 +302,10 @@ def steps_to_keep(steps, *, latest: int, every: int = 0, best: int = 0,
 
 def read_results(workdir: str, metric: str) -> dict[int, float]:
   """{step: value} of `metric` in WORKDIR/eval/step_*.json (what the evaluators wrote)."""
-  directory = os.path.join(workdir, "eval")
-  if not metric or not tf.io.gfile.isdir(directory):
+  if not metric:
     return {}
-  found = {}
-  for name in tf.io.gfile.listdir(directory):
-    if name.startswith("step_") and name.endswith(".json"):
-      with tf.io.gfile.GFile(os.path.join(directory, name)) as f:
-        record = json.load(f)
-      if metric in record.get("results", {}):
-        found[int(record["step"])] = float(record["results"][metric])
-  return found
+  return {step: float(results[metric]) for step, results in curves.read_results(workdir)
+          if metric in results}
 
 
 class Checkpoints:

@@ -74,11 +74,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Prepared:
   return Prepared(nets, mesh, abstract_state, resume_step, state, train_iter)
 
 
-def open_text(path: str, mode: str):
-  import tensorflow as tf  # Deferred: gfile (GCS-capable), and TF is loaded by then anyway.
-  return tf.io.gfile.GFile(path, mode)
-
-
 def check_finite(metrics: dict, step: int, ckpt: checkpoint_lib.Checkpoints) -> dict:
   """Stops the run at the first non-finite loss, leaving the last good checkpoint alone."""
   bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
