@@ -52,8 +52,8 @@ def _microbatch(tree, j):
 def _assert_close(got, want, what):
   got, want = flat(got), flat(want)
   scale = max(np.abs(want).max(), 1e-12)
-  # The step is one jitted program, the reference eager calls: float rounding differs by up
-  # to ~1e-3 relative where gradients pass through G, E and D in turn (one weight of 47,938
+  # The step is one program, the reference another per micro-batch: float rounding differs by
+  # up to ~1e-3 relative where gradients pass through G, E and D in turn (one weight of 47,938
   # in the BigBiGAN case). A mistake (a sum for a mean, another micro-batch's examples, the
   # regulariser counted twice) moves them by far more.
   np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4 * scale, err_msg=what)
@@ -74,7 +74,9 @@ def test_step_applies_the_mean_of_the_microbatch_gradients(monkeypatch, variant,
                       lambda _: (_recording_optimizer(), _recording_optimizer()))
   nets = networks.build(config.model)
   objective = objectives.build(nets, config.loss)
-  state = state_lib.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
+  # Jitted, as the references below: eagerly, each operation would be compiled on its own.
+  state = jax.jit(functools.partial(state_lib.init_train_state, nets=nets, config=config))(
+      jax.random.PRNGKey(0))
   batch = _batch(config, nets)
   new_state, metrics = jax.jit(functools.partial(step_lib.train_step, nets=nets,
                                                  config=config))(state, batch)
@@ -87,11 +89,13 @@ def test_step_applies_the_mean_of_the_microbatch_gradients(monkeypatch, variant,
   z, fake_labels = step_lib.sample_latents(latent_key, nets, config.batch_size)
   inputs = {"images": batch["image"][0], "labels": batch["label"][0], "z": z,
             "fake_labels": fake_labels}
+  d_microbatch = jax.jit(functools.partial(step_lib.d_microbatch, nets=nets,
+                                           objective=objective))
   d_state, d_grads, d_metrics = state.model_state[D], [], []
   for j in range(K):
-    d_state, (g, m) = step_lib.d_microbatch(
+    d_state, (g, m) = d_microbatch(
         state.params[D], d_state, _microbatch(inputs, j), jax.random.fold_in(noise_key, j),
-        state=state, nets=nets, objective=objective)
+        state=state)
     d_grads.append(g)
     d_metrics.append(m)
   mean = lambda trees: jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs), *trees)
@@ -105,19 +109,25 @@ def test_step_applies_the_mean_of_the_microbatch_gradients(monkeypatch, variant,
   z, fake_labels = step_lib.sample_latents(latent_key, nets, config.batch_size)
   inputs = {"images": batch["image"][-1], "labels": batch["label"][-1], "z": z,
             "fake_labels": fake_labels}
-  d_vars = {"params": state.params[D], **d_state}  # No update was applied to D.
-  score = lambda x, c: nets.discriminator.apply(d_vars, x, c, train=False)
   ge_params = {name: state.params[name] for name in objective.eg_networks}
   ortho = functools.partial(losses.orthogonal_regularizer, beta=config.loss.ortho_beta,
                             part=0, parts=1)
+
+  @jax.jit
+  def eg_microbatch(ge_params, model_state, mb, keys, state, d_vars):
+    score = lambda x, c: nets.discriminator.apply(d_vars, x, c, train=False)
+    return step_lib.eg_microbatch(ge_params, model_state, mb, keys, state=state, score=score,
+                                  nets=nets, objective=objective, ortho_fn=ortho)
+
+  d_vars = {"params": state.params[D], **d_state}  # No update was applied to D.
   model_state, eg_grads, eg_metrics = state.model_state, [], []
   for j in range(K):
     # Each micro-batch's whole loss, regulariser included: the mean of these gradients is
     # what one update of the full batch would take.
-    model_state, (g, m) = step_lib.eg_microbatch(
+    model_state, (g, m) = eg_microbatch(
         ge_params, model_state, _microbatch(inputs, j),
-        (jax.random.fold_in(noise_key, j), jax.random.fold_in(regression_key, j)),
-        state=state, score=score, nets=nets, objective=objective, ortho_fn=ortho)
+        (jax.random.fold_in(noise_key, j), jax.random.fold_in(regression_key, j)), state,
+        d_vars)
     eg_grads.append(g)
     eg_metrics.append(m)
   _assert_close(new_state.opt_ge, mean(eg_grads), "E/G's gradient")

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_steps import initial_state
 
 from bigbigan_jax.training import losses
 
@@ -143,11 +144,10 @@ def test_latent_regression_adds_e_s_error_on_g_samples_and_no_gradient_to_g(load
   loss.latent_regression_trains_g."""
   from bigbigan_jax.models import networks  # pylint: disable=g-import-not-at-top
   from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
 
   config = load_config("tiny.py")
   nets = networks.build(config.model)
-  state = state_lib.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
+  state = initial_state(config)
   b, r, r_e = 4, nets.resolution, nets.encoder_resolution
   assert r_e > r  # The resize is exercised.
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
@@ -194,11 +194,10 @@ def test_image_reconstruction_adds_g_of_e_error_and_trains_e_alone(load_config):
   weights nor the images, unless loss.image_reconstruction_trains_g (then G's weights)."""
   from bigbigan_jax.models import networks  # pylint: disable=g-import-not-at-top
   from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
 
   config = load_config("tiny.py")
   nets = networks.build(config.model)
-  state = state_lib.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
+  state = initial_state(config)
   b, r = 4, nets.resolution
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
   x = jax.random.uniform(keys[0], (b, r, r, 3), minval=-1, maxval=1)

@@ -31,7 +31,7 @@ from bigbigan_jax.training import loop
 pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-STEPS = 12
+STEPS = 6  # Each two-host step takes seconds here: hundreds of gloo collectives over TCP.
 # Two D updates a step: each host feeds its half of both real batches. Each update averages
 # two micro-batches (gradient accumulation), each spread over both hosts' devices.
 RUN = (f"num_train_steps={STEPS}", "log_every_steps=4", "checkpoint_every_steps=100",
@@ -119,10 +119,10 @@ def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step_and_resumes_exactly(
 
 def test_a_lost_host_ends_the_other_with_the_message(tmp_path):
   logs = [tmp_path / f"host{i}.log" for i in range(2)]
-  hosts = _hosts(tmp_path / "run", logs, "num_train_steps=100000", "log_every_steps=10",
+  hosts = _hosts(tmp_path / "run", logs, "num_train_steps=100000", "log_every_steps=2",
                  "checkpoint_every_steps=5", "lost_process_timeout_s=30.0")
-  wait_for(logs[0], r"step 10/100000", hosts)
-  wait_for(logs[1], r"step 10/100000", hosts)
+  wait_for(logs[0], r"step 2/100000", hosts)
+  wait_for(logs[1], r"step 2/100000", hosts)
   hosts[1].kill()
   killed = time.monotonic()
   code = hosts[0].wait(timeout=300)

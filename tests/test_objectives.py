@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_steps import flat
+from train_steps import initial_state
 
 from bigbigan_jax.models import networks
-from bigbigan_jax.training import state as state_lib
 from bigbigan_jax.training import step as step_lib
 
 pytestmark = pytest.mark.slow  # Three compiles of the train step.
@@ -24,7 +24,7 @@ def _setup(load_config, **optim):
   config = load_config("tiny.py:lifecycle")
   config.optim.update({"d_steps": 2, **optim})
   nets = networks.build(config.model)
-  state = state_lib.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
+  state = initial_state(config)
   rng = np.random.default_rng(0)
   r, d, b = nets.encoder_resolution, config.optim.d_steps, config.batch_size
   batch = {"image": jnp.asarray(rng.uniform(-1, 1, (d, b, r, r, 3)), jnp.float32),
@@ -60,27 +60,33 @@ def test_d_gradient_is_the_gradient_of_the_hinge_on_pairs_built_by_hand(load_con
   step_key = jax.random.fold_in(state.rng, state.step)
   latent_key, noise_key = jax.random.split(jax.random.split(jax.random.fold_in(step_key, 0),
                                                             1)[0])
-  z = jax.random.normal(jax.random.split(latent_key)[0], (config.batch_size, nets.z_dim))
-  g_vars = {"params": state.params["generator"], **state.model_state["generator"]}
-  fake = nets.generator.apply(g_vars, z, None, train=True,
-                              mutable=["spectral", "batch_stats"])[0]
   images = batch["image"][0]
-  e_vars = {"params": state.params["encoder"], **state.model_state["encoder"]}
-  e_z = nets.encoder.apply(e_vars, images, train=True, rngs={"noise": noise_key},
-                           mutable=["batch_stats"])[0]["z_sample"]
-  x = jnp.concatenate([networks.pool_for_discriminator(images, nets.resolution), fake])
-  c = jnp.concatenate([e_z, z])
-  y = jnp.concatenate([jnp.ones(config.batch_size), -jnp.ones(config.batch_size)])
 
-  def hinge(d_params):
-    scores = nets.discriminator.apply({"params": d_params, **state.model_state["discriminator"]},
-                                      x, c, train=True, mutable=["spectral"])[0]
-    # Encoder pairs y=+1, generator pairs y=-1; each score hinged, averaged over the three.
-    return sum(jnp.mean(jax.nn.relu(1 - y[:config.batch_size] * s[:config.batch_size]))
-               + jnp.mean(jax.nn.relu(1 - y[config.batch_size:] * s[config.batch_size:]))
-               for s in (scores["s_x"], scores["s_z"], scores["s_xz"])) / 3
+  @jax.jit  # One program: eager, each operation would be compiled on its own.
+  def hinge_gradient(state):
+    z = jax.random.normal(jax.random.split(latent_key)[0], (config.batch_size, nets.z_dim))
+    g_vars = {"params": state.params["generator"], **state.model_state["generator"]}
+    fake = nets.generator.apply(g_vars, z, None, train=True,
+                                mutable=["spectral", "batch_stats"])[0]
+    e_vars = {"params": state.params["encoder"], **state.model_state["encoder"]}
+    e_z = nets.encoder.apply(e_vars, images, train=True, rngs={"noise": noise_key},
+                             mutable=["batch_stats"])[0]["z_sample"]
+    x = jnp.concatenate([networks.pool_for_discriminator(images, nets.resolution), fake])
+    c = jnp.concatenate([e_z, z])
+    y = jnp.concatenate([jnp.ones(config.batch_size), -jnp.ones(config.batch_size)])
 
-  grads = jax.grad(hinge)(state.params["discriminator"])
+    def hinge(d_params):
+      scores = nets.discriminator.apply(
+          {"params": d_params, **state.model_state["discriminator"]}, x, c, train=True,
+          mutable=["spectral"])[0]
+      # Encoder pairs y=+1, generator pairs y=-1; each score hinged, averaged over the three.
+      return sum(jnp.mean(jax.nn.relu(1 - y[:config.batch_size] * s[:config.batch_size]))
+                 + jnp.mean(jax.nn.relu(1 - y[config.batch_size:] * s[config.batch_size:]))
+                 for s in (scores["s_x"], scores["s_z"], scores["s_xz"])) / 3
+
+    return jax.grad(hinge)(state.params["discriminator"])
+
+  grads = hinge_gradient(state)
   g = flat(grads)
   np.testing.assert_allclose(metrics["grad_norm/d"], np.linalg.norm(g), rtol=1e-4)
   # Adam's first update with β1 = 0 is -lr · g / (|g| + eps): D moved against the gradient.
@@ -103,7 +109,8 @@ def test_one_eg_update_lowers_encoder_pair_scores_and_raises_generator_pair_scor
   images = batch["image"][-1]
   d_vars = {"params": state.params["discriminator"], **state.model_state["discriminator"]}
 
-  def scores(s):
+  @jax.jit
+  def pair_scores(s):
     e_vars = {"params": s.params["encoder"], **state.model_state["encoder"]}
     g_vars = {"params": s.params["generator"], **state.model_state["generator"]}
     e_z = nets.encoder.apply(e_vars, images, train=True, rngs={"noise": noise_key},
@@ -113,8 +120,10 @@ def test_one_eg_update_lowers_encoder_pair_scores_and_raises_generator_pair_scor
     x_real = networks.pool_for_discriminator(images, nets.resolution)
     enc = nets.discriminator.apply(d_vars, x_real, e_z, train=False)
     gen = nets.discriminator.apply(d_vars, fake, z, train=False)
-    total = lambda d: float(sum(jnp.mean(v) for v in d.values()))
+    total = lambda d: sum(jnp.mean(v) for v in d.values())
     return total(enc), total(gen)
+
+  scores = lambda s: tuple(map(float, pair_scores(s)))
 
   enc_before, gen_before = scores(state)
   enc_after, gen_after = scores(new_state)

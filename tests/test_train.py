@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from train_steps import flat
+from train_steps import initial_state
 from train_steps import one_step
 
 from bigbigan_jax import config as config_lib
@@ -67,8 +68,7 @@ def test_step_on_8_devices_equals_1_device():
   # Each network took Adam steps of its own learning rate. Adam's first update of a weight is
   # lr * g / (|g| + eps): about lr, never more (to float32 rounding of weights near 1). D takes
   # d_steps=2 updates; the second is at most lr * sqrt(1 + b2) (its v averages g1² and g2²).
-  init = state_lib.init_train_state(jax.random.PRNGKey(0), nets=networks.build(config.model),
-                                config=config)
+  init = initial_state(config)
   lrs = {"generator": config.optim.g_lr, "encoder": config.optim.e_lr,
          "discriminator": config.optim.d_lr}
   assert config.optim.d_steps == 2 and sorted(one.params) == sorted(lrs)
@@ -86,8 +86,7 @@ def test_step_on_8_devices_equals_1_device():
 
 def test_biggan_step_trains_g_and_d_and_ema_tracks_g():
   config = tiny("biggan", ema__start_step=0, ema__decay=0.5)
-  nets = networks.build(config.model)
-  init = state_lib.init_train_state(jax.random.PRNGKey(0), nets=nets, config=config)
+  init = initial_state(config)
   state, metrics, _ = one_step(config, 1)
   assert set(state.params) == {"generator", "discriminator"}
   assert {"score/real", "score/fake", "g_loss"} <= set(metrics)

@@ -36,6 +36,16 @@ def run_steps(config, num_steps: int, num_devices: int = 1):
   return state
 
 
+def initial_state(config, num_devices: int = 1):
+  """The state `one_step` and `run_steps` start from: PRNGKey(0)'s init by the same jitted
+  program (a second call in a process compiles nothing; eager init would dispatch, and
+  compile, each of its thousands of operations apart)."""
+  nets = networks.build(config.model)
+  mesh = sharding.make_mesh((("data", num_devices),), jax.devices()[:num_devices])
+  abstract = state_lib.abstract_train_state(nets, config, mesh)
+  return state_lib.make_init_fn(nets, config, abstract)(jax.random.PRNGKey(0))
+
+
 def one_step(config, num_devices: int):
   """(state after one train step, its metrics on the host, the abstract state) on a mesh of
   the first `num_devices` devices, from PRNGKey(0)'s init and a seeded random batch."""
