@@ -112,8 +112,9 @@ def write_json(path: str, value: Any) -> str:
 def move(src: str, dst: str) -> None:
   """Moves a file or a folder (all its files) to `dst`, which must not exist.
 
-  On an object store each object is copied and deleted, so a folder's move is not atomic;
-  this is used for moving damaged checkpoints aside, where that is harmless.
+  On an object store each object is copied (by the backend's copy: streamed, or done by the
+  store itself) and deleted, so a folder's move is not atomic; this is used for moving
+  damaged checkpoints aside, where that is harmless.
   """
   if exists(dst):
     raise FileExistsError(f"{dst} already exists; not moving {src} onto it")
@@ -127,7 +128,7 @@ def move(src: str, dst: str) -> None:
     source.rename(dst)
     return
   for relative in _files_under(source):
-    write_bytes(join(dst, relative), (source / relative).read_bytes())
+    (source / relative).copy(epath.Path(join(dst, relative)))
   source.rmtree()
 
 
