@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -348,6 +349,14 @@ def test_split_folders_are_splits(tmp_path):
   with pytest.raises(ValueError, match=r"has the split folders \['train', 'val'\], and none "
                      "of them is split 'extra'"):
     pipeline.create_input_iter(c, split="extra", train=False)
+  # val/ and test/ both: each name reads its own folder, "validation" val/.
+  _class_tree(tmp_path / "data" / "test", (2, 1))
+  assert _split_values(c, "test")[0] == [0, 0, 1]
+  assert _split_values(c, "validation")[0] == _split_values(c, "val")[0] == [0, 1]
+  # train/ and test/ only (a common layout): the default eval_split "validation" reads test/.
+  shutil.rmtree(tmp_path / "data" / "val")
+  for name in ("validation", "val", "test"):
+    assert _split_values(c, name)[0] == [0, 0, 1]
 
 
 def test_folder_slices_partition_a_split_over_every_class(tmp_path):

@@ -8,7 +8,8 @@ Three sources (`config.data.source`):
 * "folder": `config.data.folder` holds one sub-folder per class (label = index of the class
   folder in sorted order) or images directly (label 0). PNG, JPEG, BMP or GIF (first frame).
   Splits: split folders `train/` and `val/`, `validation/` or `test/`, each laid out as
-  above, are the splits of those names ("validation" also reads `val/`, and the reverse).
+  above, are the splits of those names; the held-out names stand in for each other
+  ("validation" reads `test/` when there is no `validation/` or `val/`, and the reverse).
   A folder without split folders is one split that any name reads whole. Either way a
   tfds-style slice picks part of a split: `train[:90%]`, `train[90%:]`, `train[:1000]`;
   slices cut a fixed seeded permutation of the split's files, so every class is spread over

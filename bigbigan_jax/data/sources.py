@@ -83,7 +83,8 @@ def _is_image(name: str) -> bool:
 
 # Split folders a folder source recognises, and the split names each one answers to.
 SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val", "test"),
-                 "validation": ("validation", "val", "test"), "test": ("test",)}
+                 "validation": ("validation", "val", "test"),
+                 "test": ("test", "validation", "val")}
 
 _SLICE_SEED = 0x511CE
 
@@ -121,8 +122,9 @@ def _split_folder(folder: str, split: str) -> tuple[str, str]:
   if not present:
     return folder, f"{folder} (one split: any split name reads all of it)"
   matches = [n for n in sorted(present) if base in SPLIT_FOLDERS[n]]
-  # An exact name beats an alias: with val/ and test/ both present, "test" reads test/.
-  matches.sort(key=lambda n: n != base)
+  # An exact name beats an alias, and val/ beats test/ as "validation": with val/ and test/
+  # both present, "test" reads test/ and "validation" reads val/.
+  matches.sort(key=lambda n: (n != base, n == "test"))
   if not matches:
     raise ValueError(
         f"config.data.folder={folder!r} has the split folders {sorted(present)}, and none of "
