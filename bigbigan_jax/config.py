@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
   # unless image_reconstruction_trains_g (then G also learns to draw x from E(x), as in ALICE).
   c.loss.image_reconstruction = 0.0
   c.loss.image_reconstruction_trains_g = False
+  # Not in the papers (0 = off; BigGAN only): D also ranks real images' scores with their own
+  # labels above those with wrong ones, weighted by this (objectives.BigGAN.d_loss): its class
+  # projection learns the classes from real data from the first step (docs/experiments.md).
+  c.loss.wrong_label_ranking = 0.0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.g_lr = 5e-5
@@ -109,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.d_steps = 2  # D updates per E/G update.
+  # Not in the papers (1.0 = off): every learning rate is held to step decay_from *
+  # num_train_steps, then decays linearly to 0 at num_train_steps (raising it stretches it).
+  c.optim.decay_from = 1.0
   # Gradient accumulation: each D update and each E/G update averages the gradients of this
   # many micro-batches of batch_size / microbatches before its one optimiser update, so the
   # global batch, the learning rates and the schedule keep their meaning while a device holds
@@ -321,6 +328,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         config.model.kind != "bigbigan"):
       _fail(f"loss.{field}", config.loss[field],
             f"it {what}, and model.kind='biggan' has no E: set it to 0")
+  if _non_negative(config, "loss.wrong_label_ranking", integer=False) and not (
+      config.model.kind == "biggan" and config.model.num_classes > 1):
+    _fail("loss.wrong_label_ranking", config.loss.wrong_label_ranking, "it ranks real images' "
+          "labels: a class-conditional BigGAN (model.kind='biggan', num_classes >= 2) only")
   for field in ("latent_regression_trains_g", "image_reconstruction_trains_g"):
     if not isinstance(config.loss[field], bool):
       _fail(f"loss.{field}", config.loss[field], "it must be True or False")
@@ -331,6 +342,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not (isinstance(value, (int, float)) and 0 <= value < 1):
       _fail(f"optim.{field}", value, "Adam's beta must be a finite number in [0, 1)")
   _positive(config, "optim.d_steps")
+  if _non_negative(config, "optim.decay_from", integer=False) > 1:
+    _fail("optim.decay_from", config.optim.decay_from,
+          "it is a fraction of num_train_steps, at most 1 (1: constant learning rates)")
   _positive(config, "optim.microbatches")
   _one_of(config, "optim.microbatch_loop", MICROBATCH_LOOPS)
   if not (0 <= config.ema.decay < 1):

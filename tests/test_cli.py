@@ -15,7 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLI_MODULES = ("main", "tools.summary", "tools.benchmark", "tools.aot", "tools.plan",
-               "tools.sample", "tools.collapse")
+               "tools.sample", "tools.collapse", "tools.conditioning", "tools.glyphs")
 
 
 def test_importing_every_cli_module_defines_no_flags():
@@ -24,7 +24,7 @@ def test_importing_every_cli_module_defines_no_flags():
     assert callable(module.define_flags) and callable(module.main)
   ours = {"config", "workdir", "mode", "topology", "hbm_gib", "steps", "warmup", "num",
           "truncation", "reconstruct", "interpolate", "max_compiles", "decode_images_per_core",
-          "dry_run", "stream_out"}
+          "dry_run", "stream_out", "per_class"}
   assert not ours & set(flags.FLAGS), sorted(ours & set(flags.FLAGS))
 
 
@@ -35,7 +35,8 @@ def test_help_describes_the_flags(name):
                        capture_output=True, text=True, timeout=300)
   # absl's --help exits with status 1 after printing; what matters is what it printed.
   assert f"bigbigan_jax.{name}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
-  expected = "--workdir" if name in ("tools.sample", "tools.collapse") else "--config"
+  expected = ("--workdir" if name in ("tools.sample", "tools.collapse", "tools.conditioning")
+              else "--out" if name == "tools.glyphs" else "--config")
   assert expected in out.stdout
 
 

@@ -249,3 +249,53 @@ def test_e_only_terms_are_refused_for_biggan(load_config, field):
   config.loss[field] = 1.0
   with pytest.raises(ValueError, match=f"loss.{field}.*has no E"):
     config_lib.validate(config)
+
+
+def test_wrong_label_ranking_pairs_real_images_with_other_labels_and_ranks_them(load_config):
+  """loss.wrong_label_ranking = λ: D also scores every real image with a label drawn from
+  the other classes, and adds λ · mean(relu(1 - (D(x, y) - D(x, y')))) to its hinge."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+
+  from bigbigan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
+
+  nets = SimpleNamespace(num_classes=5)
+  b = 400
+  x = jnp.arange(b, dtype=jnp.float32).reshape(b, 1, 1, 1)
+  labels = jnp.arange(b, dtype=jnp.int32) % 5
+  real = objectives.RealPairs(x, labels, {}, {})
+  fake_x, fake_c = -x, jnp.zeros(b, jnp.int32)
+  key = jax.random.PRNGKey(0)
+  plain = objectives.BigGAN(nets)
+  px, pc = plain.d_inputs(real, fake_x, fake_c, key)
+  assert px.shape[0] == pc.shape[0] == 2 * b  # Off: the real pairs, then the fake ones.
+  ranked = objectives.BigGAN(nets, wrong_label_ranking=0.5)
+  rx, rc = ranked.d_inputs(real, fake_x, fake_c, key)
+  np.testing.assert_array_equal(rx[:2 * b], px)
+  np.testing.assert_array_equal(rc[:2 * b], pc)
+  np.testing.assert_array_equal(rx[2 * b:], x)  # The same real images...
+  wrong = np.asarray(rc[2 * b:])
+  assert np.all(wrong != np.asarray(labels)) and wrong.min() >= 0 and wrong.max() < 5
+  # ...with each of the other four classes about as often (400 draws: 100 each expected).
+  offsets = np.bincount((wrong - np.asarray(labels)) % 5, minlength=5)
+  assert offsets[0] == 0 and offsets[1:].min() > 60, offsets
+
+  real_s = jnp.array([2.0, 0.5, -1.0])
+  fake_s = jnp.array([-2.0, 0.0, 1.0])
+  wrong_s = jnp.array([0.0, 1.0, -3.0])
+  loss, metrics = ranked.d_loss(jnp.concatenate([real_s, fake_s, wrong_s]), 3)
+  # The hinge (5/6 + 1, as above) plus 0.5 * mean(relu(1 - [2, -0.5, 2])) = 0.5 * 1.5 / 3.
+  np.testing.assert_allclose(loss, 5 / 6 + 1 + 0.25, rtol=1e-6)
+  np.testing.assert_allclose(metrics["d_label_accuracy"], 2 / 3, rtol=1e-6)
+  np.testing.assert_allclose(plain.d_loss(jnp.concatenate([real_s, fake_s]), 3)[0], 5 / 6 + 1,
+                             rtol=1e-6)
+  # Only D's projection separates (x, y) from (x, y'): the ranking's gradient moves the
+  # scores of the two pairs in opposite directions.
+  d_real, d_wrong = jax.grad(lambda r, w: ranked.d_loss(jnp.concatenate([r, fake_s, w]), 3)[0],
+                             argnums=(0, 1))(real_s, wrong_s)
+  assert float(d_wrong[1]) > 0 and float(d_real[1]) < 0
+
+  config = load_config("tiny.py")  # BigBiGAN: no labels to rank.
+  config.loss.wrong_label_ranking = 1.0
+  with pytest.raises(ValueError, match="loss.wrong_label_ranking.*class-conditional BigGAN"):
+    config_lib.validate(config)

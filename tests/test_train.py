@@ -1,6 +1,7 @@
 """The train step and loop on the tiny config: sharding equivalence, resume, checkpoints
 across device counts, errors before compiling, divergence handling, the entry point."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -20,6 +21,7 @@ from bigbigan_jax import train
 from bigbigan_jax.models import flops
 from bigbigan_jax.models import networks
 from bigbigan_jax.tools import benchmark
+from bigbigan_jax.tools import conditioning
 from bigbigan_jax.training import checkpoint as checkpoint_lib
 from bigbigan_jax.training import loop
 from bigbigan_jax.training import state as state_lib
@@ -276,13 +278,29 @@ def _run_main(*args, timeout=600, cwd=ROOT):
 def test_entry_point_trains_and_writes_the_workdir(tmp_path):
   # A relative --workdir, as in the README's command (orbax itself wants absolute paths).
   workdir = tmp_path / "run"
+  # With D's wrong-label ranking on, and two checkpoints for tools.conditioning to measure.
   out = _run_main(f"--config={ROOT}/configs/tiny.py:biggan", "--workdir=run",
-                  "--config.num_train_steps=2", cwd=tmp_path)
+                  "--config.num_train_steps=2", "--config.checkpoint_every_steps=1",
+                  "--config.loss.wrong_label_ranking=1.0", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2 | d_loss" in out.stderr
   assert (workdir / "samples" / "step_0000002.png").exists()
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
   assert (workdir / "config.json").exists()
+  tool = subprocess.run([sys.executable, "-m", "bigbigan_jax.tools.conditioning",
+                         "--workdir=run", "--num=16"], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert tool.returncode == 0, tool.stderr[-3000:]
+  assert "2 checkpoints measured" in tool.stdout
+  measures = json.loads((workdir / "conditioning.json").read_text())
+  assert sorted(measures) == ["1", "2"]
+  for step in measures.values():
+    assert sorted(step) == sorted(conditioning.COLUMNS)
+    assert all(np.isfinite(v) for v in step.values())
+    assert 0 <= step["d_class_accuracy"] <= 1 and step["g_z_chunk_norm"] > 0
+  # G's embedding moved in the two steps (its gradient from D's projection reached it).
+  assert measures["1"]["g_shared_norm"] != measures["2"]["g_shared_norm"]
+  assert (workdir / "conditioning.png").stat().st_size > 10_000
 
 
 def test_entry_point_reports_bad_input_and_help(tmp_path):
@@ -294,3 +312,31 @@ def test_entry_point_reports_bad_input_and_help(tmp_path):
   assert not (tmp_path / "run").exists()
   out = _run_main("--help")
   assert "--workdir" in out.stdout and "--config" in out.stdout and "resumes" in out.stdout
+
+
+def test_learning_rates_are_constant_unless_decay_from_is_set(load_config):
+  config = load_config("tiny.py")
+  assert config.optim.decay_from == 1.0 and state_lib.learning_rate(2e-4, config) == 2e-4
+  config.num_train_steps, config.optim.decay_from = 10, 0.6
+  g = state_lib.learning_rate(2e-4, config)
+  d = state_lib.learning_rate(2e-4, config, updates_per_step=2)  # D: 2 updates a step.
+  # Held to step 6, then linear to 0 at step 10, counted in each optimiser's own updates.
+  np.testing.assert_allclose([float(g(n)) for n in (0, 6, 8, 10, 12)],
+                             [2e-4, 2e-4, 1e-4, 0, 0], atol=1e-12)
+  np.testing.assert_allclose([float(d(n)) for n in (0, 12, 16, 20)], [2e-4, 2e-4, 1e-4, 0],
+                             atol=1e-12)
+  tx_d, tx_ge = state_lib.make_optimizers(config)
+  params = {"w": jax.numpy.ones(3)}
+  grads = {"w": jax.numpy.ones(3)}
+  opt = tx_d.init(params)
+  sizes = []
+  for _ in range(20):
+    updates, opt = tx_d.update(grads, opt, params)
+    sizes.append(float(abs(updates["w"][0])))
+  # Adam's unit steps scaled by D's rate: full for 12 updates, then shrinking to 0.
+  np.testing.assert_allclose(sizes[:12], 2e-4, rtol=1e-3)
+  assert sizes[12] > sizes[15] > sizes[19] > 0
+  for bad in (1.5, -0.1):
+    config.optim.decay_from = bad
+    with pytest.raises(ValueError, match="optim.decay_from"):
+      config_lib.validate(config)

@@ -7,7 +7,8 @@ EMA of G); everything in which they differ is an objective, built once with the 
             s_x, s_z, s_xz (`losses.bigbigan_d_loss`); E and G learn together from one
             signed sum of the scores (`losses.bigbigan_eg_loss`).
   BigGAN    real pairs (x, y) against fake pairs (G(z, y'), y') through D's projection head,
-            BigGAN's hinge (`losses.d_hinge`); G alone learns, from its samples' scores.
+            BigGAN's hinge (`losses.d_hinge`), optionally D's ranking of real images' own
+            labels over wrong ones; G alone learns, from its samples' scores.
 
 Signs, scales and the ablation switches are in docs/design.md ("Losses").
 """
@@ -83,7 +84,13 @@ class BigBiGAN:
     del labels
     return z
 
-  def d_loss(self, real_scores, fake_scores):
+  def d_inputs(self, real: RealPairs, fake_x, fake_c, key):
+    """What D scores in its update: the real pairs, then the fake ones."""
+    del key
+    return jnp.concatenate([real.x, fake_x]), jnp.concatenate([real.c, fake_c])
+
+  def d_loss(self, scores, batch: int):
+    real_scores, fake_scores = split_scores(scores, batch)
     loss, terms = losses.bigbigan_d_loss(real_scores, fake_scores, unary_x=self.unary_x,
                                          unary_z=self.unary_z, reduction=self.reduction)
     scores = {f"score/{kind}_{name}": jnp.mean(s[name])
@@ -142,6 +149,7 @@ class BigGAN:
   """Class-conditional BigGAN: the hinge on (image, label) pairs."""
 
   nets: networks.Networks
+  wrong_label_ranking: float = 0.0
 
   eg_networks = (G,)
   console_keys = ("d_loss", "eg_loss", "d_accuracy", "g_loss")
@@ -157,10 +165,34 @@ class BigGAN:
     del z
     return labels
 
-  def d_loss(self, real_scores, fake_scores):
+  def d_inputs(self, real: RealPairs, fake_x, fake_c, key):
+    """The real pairs, the fake ones and, with `wrong_label_ranking`, each real image again
+    with a label drawn uniformly from the other classes."""
+    x, c = [real.x, fake_x], [real.c, fake_c]
+    if self.wrong_label_ranking:
+      classes = self.nets.num_classes
+      offset = jax.random.randint(jax.random.fold_in(key, 1), real.c.shape, 1, classes)
+      x.append(real.x)
+      c.append((real.c + offset) % classes)
+    return jnp.concatenate(x), jnp.concatenate(c)
+
+  def d_loss(self, scores, batch: int):
+    """BigGAN's hinge; with `wrong_label_ranking` = λ > 0, plus
+    λ · mean(relu(1 - (D(x, y) - D(x, y')))) over real images x, their labels y and wrong
+    labels y' (not in the papers). D's unconditional term is the same for both pairs, so
+    this trains the projection alone to tell the classes of real images apart: a signal
+    that does not wait for G's images to become hard to tell from real ones."""
+    real_scores, fake_scores = scores[:batch], scores[batch:2 * batch]
     loss = losses.d_hinge(real_scores, fake_scores)
-    return loss, {"d_loss": loss, "d_accuracy": _accuracy(real_scores, fake_scores),
-                  "score/real": jnp.mean(real_scores), "score/fake": jnp.mean(fake_scores)}
+    metrics = {"d_accuracy": _accuracy(real_scores, fake_scores),
+               "score/real": jnp.mean(real_scores), "score/fake": jnp.mean(fake_scores)}
+    if self.wrong_label_ranking:
+      margin = real_scores - scores[2 * batch:]
+      ranking = jnp.mean(jax.nn.relu(1.0 - margin))
+      loss = loss + self.wrong_label_ranking * ranking
+      metrics.update({"d_wrong_label_ranking": ranking,
+                      "d_label_accuracy": jnp.mean(margin > 0)})
+    return loss, {"d_loss": loss, **metrics}
 
   def eg_loss(self, score: Score, real: RealPairs, fake_x, fake_c, params, model_state, key):
     """G raises its samples' scores; D need not see the real pairs."""
@@ -181,7 +213,7 @@ def build(nets: networks.Networks, loss: ml_collections.ConfigDict) -> Objective
                     latent_regression_trains_g=loss.latent_regression_trains_g,
                     image_reconstruction=float(loss.image_reconstruction),
                     image_reconstruction_trains_g=loss.image_reconstruction_trains_g)
-  return BigGAN(nets)
+  return BigGAN(nets, wrong_label_ranking=float(loss.wrong_label_ranking))
 
 
 def sigma_metrics(objective: Objective, model_state: dict) -> dict:

@@ -49,15 +49,30 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array
 
 
-def make_optimizers(config: ml_collections.ConfigDict):
-  """(D's optimiser, G+E's optimiser): Adam with β1=0, β2=0.999 by default (BigGAN's recipe)."""
+def learning_rate(lr: float, config: ml_collections.ConfigDict, updates_per_step: int = 1):
+  """`lr`, constant (the papers), or with `optim.decay_from` = f < 1 held until step
+  f · num_train_steps and then decayed linearly to 0 at num_train_steps. Optax counts
+  optimiser updates; D makes `updates_per_step` of them a train step."""
   o = config.optim
-  adam = lambda lr: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+  if o.decay_from >= 1:
+    return lr
+  total = int(config.num_train_steps) * updates_per_step
+  start = int(round(float(o.decay_from) * total))
+  return optax.schedules.join_schedules(
+      [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(1, total - start))],
+      [start])
+
+
+def make_optimizers(config: ml_collections.ConfigDict):
+  """(D's optimiser, G+E's optimiser): Adam with β1=0, β2=0.999 by default (BigGAN's recipe),
+  at constant learning rates unless `optim.decay_from` < 1."""
+  o = config.optim
+  adam = lambda lr, n=1: optax.adam(learning_rate(lr, config, n), b1=o.b1, b2=o.b2, eps=o.eps)
   ge = optax.multi_transform(
       {G: adam(o.g_lr), E: adam(o.e_lr)},
       lambda params: {name: jax.tree_util.tree_map(lambda _: name, p)
                       for name, p in params.items()})
-  return adam(o.d_lr), ge
+  return adam(o.d_lr, int(o.d_steps)), ge
 
 
 def init_train_state(rng: jax.Array, *, nets: networks.Networks,

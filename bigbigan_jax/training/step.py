@@ -116,7 +116,7 @@ def d_microbatch(d_params, d_state, mb: dict, key, *, state: state_lib.TrainStat
     d_params, d_state: D's weights and its spectral-norm state (threaded through the
       micro-batches: each D call in training mode takes one power-iteration step).
     mb: {"images", "labels"}: the real examples; {"z", "fake_labels"}: G's latents.
-    key: E's noise for the real pairs.
+    key: E's noise for the real pairs (BigGAN: the wrong labels of `d_inputs`).
     state: the step's train state (G's and E's weights and statistics).
 
   Returns:
@@ -129,14 +129,13 @@ def d_microbatch(d_params, d_state, mb: dict, key, *, state: state_lib.TrainStat
       g_vars, mb["z"], mb["fake_labels"], train=True, mutable=["spectral", "batch_stats"])[0])
   real = objective.real_pairs(state.params, state.model_state, mb["images"], mb["labels"],
                               key)
-  x = jnp.concatenate([real.x, fake])
-  c = jnp.concatenate([jax.lax.stop_gradient(real.c),
-                       objective.fake_condition(mb["z"], mb["fake_labels"])])
+  x, c = objective.d_inputs(real._replace(c=jax.lax.stop_gradient(real.c)), fake,
+                            objective.fake_condition(mb["z"], mb["fake_labels"]), key)
 
   def loss_fn(p):
     scores, new_state = nets.discriminator.apply({"params": p, **d_state}, x, c, train=True,
                                                  mutable=["spectral"])
-    loss, metrics = objective.d_loss(*objectives.split_scores(scores, fake.shape[0]))
+    loss, metrics = objective.d_loss(scores, fake.shape[0])
     return loss, (metrics, new_state)
 
   (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
