@@ -15,7 +15,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLI_MODULES = ("main", "tools.summary", "tools.benchmark", "tools.aot", "tools.plan",
-               "tools.sample", "tools.collapse", "tools.conditioning", "tools.glyphs")
+               "tools.sample", "tools.collapse", "tools.conditioning", "tools.glyphs", "tools.compare")
 
 
 def test_importing_every_cli_module_defines_no_flags():
@@ -24,7 +24,7 @@ def test_importing_every_cli_module_defines_no_flags():
     assert callable(module.define_flags) and callable(module.main)
   ours = {"config", "workdir", "mode", "topology", "hbm_gib", "steps", "warmup", "num",
           "truncation", "reconstruct", "interpolate", "max_compiles", "decode_images_per_core",
-          "dry_run", "stream_out", "per_class"}
+          "dry_run", "stream_out", "per_class", "runs", "thresholds"}
   assert not ours & set(flags.FLAGS), sorted(ours & set(flags.FLAGS))
 
 
@@ -36,7 +36,8 @@ def test_help_describes_the_flags(name):
   # absl's --help exits with status 1 after printing; what matters is what it printed.
   assert f"bigbigan_jax.{name}" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
   expected = ("--workdir" if name in ("tools.sample", "tools.collapse", "tools.conditioning")
-              else "--out" if name == "tools.glyphs" else "--config")
+              else "--out" if name == "tools.glyphs" else "--runs" if name == "tools.compare"
+              else "--config")
   assert expected in out.stdout
 
 
