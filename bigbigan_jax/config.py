@@ -89,21 +89,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.unary_z = True
   c.loss.score_reduction = "mean"  # "mean" over the active scores (TF-Hub colab), or "sum".
   c.loss.ortho_beta = 1e-4  # Orthogonal regularisation of G's kernels; 0 turns it off.
-  # Not in the papers (0 = off): E also regresses z from G's samples, weighted by this
-  # (BiGAN's "latent regressor" baseline, added to the game). G gets no gradient from it
-  # unless latent_regression_trains_g (then G is also pushed to keep z recoverable).
+  # Terms not in the papers, each 0 = off (objectives.py has their formulas):
+  # BigBiGAN: E also regresses z from G's samples (BiGAN's "latent regressor"), weighted by
+  # this; G gets its gradient too only with latent_regression_trains_g.
   c.loss.latent_regression = 0.0
   c.loss.latent_regression_trains_g = False
-  # Not in the papers (0 = off): E also learns to reconstruct real images through G,
-  # weighted by this: mean((G(E(x)) - x)²) at D's resolution (ALICE's explicit cycle
-  # consistency, Li et al. 2017). G's weights are held fixed in it, so G's game is unchanged,
-  # unless image_reconstruction_trains_g (then G also learns to draw x from E(x), as in ALICE).
+  # BigBiGAN: E also learns to reconstruct real images through G, mean((G(E(x)) - x)²) at D's
+  # resolution (ALICE's cycle consistency, Li et al. 2017), weighted by this; G learns from it
+  # too (drawing x from E(x)) only with image_reconstruction_trains_g.
   c.loss.image_reconstruction = 0.0
   c.loss.image_reconstruction_trains_g = False
-  # Not in the papers (0 = off; BigGAN only): D also ranks real images' scores with their own
-  # labels above those with wrong ones, weighted by this (objectives.BigGAN.d_loss): its class
-  # projection learns the classes from real data from the first step (docs/experiments.md).
+  # BigGAN: D also ranks real images' scores with their own labels above those with wrong ones,
+  # weighted by this: its projection learns the classes from real data (docs/conditioning.md).
   c.loss.wrong_label_ranking = 0.0
+  # BigGAN: every image D sees, real or G's, shifted by up to this many pixels each way
+  # (DiffAugment's translation, Zhao et al. 2020).
+  c.loss.translate = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.g_lr = 5e-5
@@ -116,11 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Not in the papers (1.0 = off): every learning rate is held to step decay_from *
   # num_train_steps, then decays linearly to 0 at num_train_steps (raising it stretches it).
   c.optim.decay_from = 1.0
-  # Gradient accumulation: each D update and each E/G update averages the gradients of this
-  # many micro-batches of batch_size / microbatches before its one optimiser update, so the
-  # global batch, the learning rates and the schedule keep their meaning while a device holds
-  # the activations of one micro-batch. Batch norm's statistics and the spectral-norm power
-  # iterations are per micro-batch; see docs/design.md ("Gradient accumulation").
+  # Gradient accumulation: each update averages the gradients of this many micro-batches of
+  # batch_size / microbatches, so batch, rates and schedule keep their meaning; BN statistics
+  # and spectral-norm iterations are per micro-batch (docs/design.md, "Gradient accumulation").
   c.optim.microbatches = 1
   # How the micro-batches run: "scan" (a lax.scan: one micro-batch's program, memory flat in
   # k), "unrolled" (k copies in one program) or "auto" (unrolled on the CPU, whose convolutions
@@ -142,10 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.random_flip = True
   c.data.shuffle_buffer = 10_000
   c.data.prefetch = 2
-  # Images that fail to decode. False: the first batch that holds one stops the run with a
-  # ValueError naming the file(s). True: folder sources decode every file of the split once at
-  # start-up and leave the failures out (one warning lists them), so batches stay a function
-  # of (seed, step); tfds sources drop failing records as they come (a warning counts them).
+  # Images that fail to decode. False: the first batch holding one stops the run, naming the
+  # file(s). True: folder sources decode every file once at start-up and leave the failures out
+  # (one warning lists them); tfds sources drop failing records as they come (a warning counts).
   c.data.skip_corrupt = False
 
   c.sample = ml_collections.ConfigDict()
@@ -332,6 +330,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.model.kind == "biggan" and config.model.num_classes > 1):
     _fail("loss.wrong_label_ranking", config.loss.wrong_label_ranking, "it ranks real images' "
           "labels: a class-conditional BigGAN (model.kind='biggan', num_classes >= 2) only")
+  if _non_negative(config, "loss.translate") and config.model.kind != "biggan":
+    _fail("loss.translate", config.loss.translate, "BigGAN only: set it to 0")
   for field in ("latent_regression_trains_g", "image_reconstruction_trains_g"):
     if not isinstance(config.loss[field], bool):
       _fail(f"loss.{field}", config.loss[field], "it must be True or False")

@@ -299,3 +299,36 @@ def test_wrong_label_ranking_pairs_real_images_with_other_labels_and_ranks_them(
   config.loss.wrong_label_ranking = 1.0
   with pytest.raises(ValueError, match="loss.wrong_label_ranking.*class-conditional BigGAN"):
     config_lib.validate(config)
+
+
+def test_translate_shifts_each_image_by_its_own_offset_and_keeps_the_gradient(load_config):
+  """loss.translate = t: every image D sees (real, G's, in both updates) moves by its own
+  offset in [-t, t] on each axis, zeros filling the border; G's gradient passes through."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+
+  from bigbigan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
+
+  b, r = 200, 9
+  images = jnp.zeros((b, r, r, 1)).at[:, 4, 4, 0].set(1.0)  # One bright pixel, centred.
+  shifted = objectives.BigGAN(SimpleNamespace(num_classes=3), translate=2)._augment(
+      images, jax.random.PRNGKey(0))
+  rows, cols = np.nonzero(np.asarray(shifted[..., 0]).reshape(b, -1) == 1.0)
+  assert np.array_equal(rows, np.arange(b))  # Each image keeps its one pixel...
+  dy, dx = cols // r - 4, cols % r - 4  # ...moved by at most 2 each way, all 25 offsets seen.
+  assert np.abs(dy).max() == 2 and np.abs(dx).max() == 2
+  assert len(set(zip(dy, dx))) == 25
+  np.testing.assert_array_equal(np.asarray(shifted).sum(axis=(1, 2, 3)), 1.0)
+  off = objectives.BigGAN(SimpleNamespace(num_classes=3))
+  np.testing.assert_array_equal(off._augment(images, jax.random.PRNGKey(0)), images)
+  # G's loss sees the shifted samples and its gradient reaches every sample's pixels.
+  score = lambda x, c: jnp.sum(x * jnp.arange(r * r, dtype=jnp.float32).reshape(1, r, r, 1),
+                               axis=(1, 2, 3))
+  on = objectives.BigGAN(SimpleNamespace(num_classes=3), translate=2)
+  grad = jax.grad(lambda x: on.eg_loss(score, None, x, None, None, None,
+                                       jax.random.PRNGKey(1))[0])(images)
+  assert np.all(np.abs(np.asarray(grad)).reshape(b, -1).sum(axis=1) > 0)
+  config = load_config("tiny.py")  # BigBiGAN: refused.
+  config.loss.translate = 2
+  with pytest.raises(ValueError, match="loss.translate.*BigGAN only"):
+    config_lib.validate(config)

@@ -150,6 +150,7 @@ class BigGAN:
 
   nets: networks.Networks
   wrong_label_ranking: float = 0.0
+  translate: int = 0
 
   eg_networks = (G,)
   console_keys = ("d_loss", "eg_loss", "d_accuracy", "g_loss")
@@ -174,7 +175,20 @@ class BigGAN:
       offset = jax.random.randint(jax.random.fold_in(key, 1), real.c.shape, 1, classes)
       x.append(real.x)
       c.append((real.c + offset) % classes)
-    return jnp.concatenate(x), jnp.concatenate(c)
+    return self._augment(jnp.concatenate(x), key), jnp.concatenate(c)
+
+  def _augment(self, images, key):
+    """With `translate` = t > 0, each image shifted by its own offset in [-t, t] on both axes,
+    the vacated border zero (DiffAugment's translation, Zhao et al. 2020); differentiable, so
+    G learns through it. Otherwise the images unchanged."""
+    if not self.translate:
+      return images
+    t = self.translate
+    n, h, w, c = images.shape
+    offsets = jax.random.randint(jax.random.fold_in(key, 2), (n, 2), 0, 2 * t + 1)
+    padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)))
+    return jax.vmap(lambda x, o: jax.lax.dynamic_slice(x, (o[0], o[1], 0), (h, w, c)))(
+        padded, offsets)
 
   def d_loss(self, scores, batch: int):
     """BigGAN's hinge; with `wrong_label_ranking` = λ > 0, plus
@@ -195,9 +209,10 @@ class BigGAN:
     return loss, {"d_loss": loss, **metrics}
 
   def eg_loss(self, score: Score, real: RealPairs, fake_x, fake_c, params, model_state, key):
-    """G raises its samples' scores; D need not see the real pairs."""
-    del real, params, model_state, key
-    loss = losses.g_hinge(score(fake_x, fake_c))
+    """G raises its samples' scores (shifted as D's inputs are); D need not see the real
+    pairs."""
+    del real, params, model_state
+    loss = losses.g_hinge(score(self._augment(fake_x, key), fake_c))
     return loss, {"g_loss": loss}
 
 
@@ -213,7 +228,8 @@ def build(nets: networks.Networks, loss: ml_collections.ConfigDict) -> Objective
                     latent_regression_trains_g=loss.latent_regression_trains_g,
                     image_reconstruction=float(loss.image_reconstruction),
                     image_reconstruction_trains_g=loss.image_reconstruction_trains_g)
-  return BigGAN(nets, wrong_label_ranking=float(loss.wrong_label_ranking))
+  return BigGAN(nets, wrong_label_ranking=float(loss.wrong_label_ranking),
+                translate=int(loss.translate))
 
 
 def sigma_metrics(objective: Objective, model_state: dict) -> dict:

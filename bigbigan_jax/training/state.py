@@ -114,10 +114,12 @@ def shardings_of(tree):
 
 
 def step_settings(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
-  """What the train step and the init read of a config (loss, optim, ema), frozen: hashable,
-  so equal settings find the programs already built for them."""
+  """What the train step and the init read of a config (loss, optim, ema, and the run's length
+  when the learning rates decay), frozen: hashable, so equal settings find the programs
+  already built for them."""
+  steps = int(config.num_train_steps) if config.optim.decay_from < 1 else 0
   return ml_collections.FrozenConfigDict(
-      {"loss": config.loss, "optim": config.optim, "ema": config.ema})
+      {"loss": config.loss, "optim": config.optim, "ema": config.ema, "num_train_steps": steps})
 
 
 class HashableTree:

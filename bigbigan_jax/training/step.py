@@ -292,9 +292,10 @@ def batch_spec(config, nets, mesh) -> dict:
 def make_train_step(nets, config, mesh, abstract_state):
   """jit(train_step) with the state donated and NamedSharding in/out shardings.
 
-  The step reads only config.loss, .optim and .ema (`state.step_settings`): equal networks,
-  settings and shardings give the same jitted function, already traced and compiled when a
-  process trains a second time (a notebook cell run again, the resume tests).
+  The step reads only config.loss, .optim and .ema, and num_train_steps for a decay
+  (`state.step_settings`): equal networks, settings and shardings give the same jitted
+  function, already traced and compiled when a process trains a second time (a notebook cell
+  run again, the resume tests).
   """
   return _jit_step(nets, state_lib.step_settings(config), mesh,
                    state_lib.HashableTree(state_lib.shardings_of(abstract_state)),
