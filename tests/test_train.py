@@ -256,6 +256,11 @@ def test_biggan_pytorch_layout_follows_the_config_and_bad_input_is_named(tmp_pat
   with pytest.raises(ValueError, match="compares class-conditional BigGAN"):
     benchmark.biggan_pytorch_spec(tiny(), str(tmp_path), 2, 0)
   config = tiny("biggan", model__d_attention_res=0)
+  config.loss.wrong_label_ranking = 1.0
+  with pytest.raises(ValueError, match=r"has none of loss.wrong_label_ranking=1.0: add "
+                                       r"--config.loss.wrong_label_ranking=0"):
+    benchmark.biggan_pytorch_spec(config, str(tmp_path), 2, 0)
+  config.loss.wrong_label_ranking = 0.0
   with pytest.raises(ValueError, match="not a BigGAN-PyTorch checkout .no BigGAN.py, "
                                        "train_fns.py, utils.py, layers.py"):
     benchmark.biggan_pytorch_spec(config, str(tmp_path), 2, 0)

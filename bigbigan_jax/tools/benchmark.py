@@ -17,7 +17,8 @@ regularisation), in this run, and prints both with their ratio: the README's CPU
   python -m bigbigan_jax.tools.benchmark --config=configs/digits.py:biggan \
       --config.model.resolution=32 --config.model.ch=64 --config.batch_size=16 \
       --config.model.z_dim=128 --config.model.shared_dim=128 --config.model.g_attention_res=0 \
-      --config.model.d_attention_res=0 --config.optim.d_steps=1 --biggan_pytorch=DIR
+      --config.model.d_attention_res=0 --config.optim.d_steps=1 \
+      --config.loss.wrong_label_ranking=0 --biggan_pytorch=DIR
 
 The input pipeline (decode, crop, bicubic resize, flip, exactly as training reads it) of one
 host of `--hosts`, beside what that host must feed when a step takes `--step_ms`:
@@ -153,6 +154,15 @@ def biggan_pytorch_spec(config, checkout: str, steps: int, warmup: int) -> dict:
         f"--biggan_pytorch compares class-conditional BigGAN; this config has "
         f"model.kind={model.kind!r}, num_classes={model.num_classes}. Use a biggan config, "
         "e.g. --config=configs/digits.py:biggan.")
+  extras = {f"loss.{k}": config.loss[k] for k in ("wrong_label_ranking", "translate")
+            if config.loss[k]}
+  if config.optim.decay_from < 1:
+    extras["optim.decay_from"] = config.optim.decay_from
+  if extras:
+    raise ValueError(
+        "BigGAN-PyTorch's step has none of " + ", ".join(f"{k}={v}" for k, v in extras.items())
+        + ": add " + " ".join(f"--config.{k}={1 if k.endswith('decay_from') else 0}"
+                              for k in extras) + " to compare like with like.")
   if model.resolution not in (32, 64, 128, 256, 512):
     raise ValueError(f"BigGAN-PyTorch has architectures at 32, 64, 128, 256 and 512 px, not "
                      f"model.resolution={model.resolution}.")
