@@ -63,8 +63,14 @@ def plot(workdir: str, out: str | None = None) -> str | None:
     for axis in (left, right):
       axis.set_xlim(steps[0] - 1, steps[0] + 1)
   fig.tight_layout()
-  out = out or os.path.join(workdir, "learning_curves.png")
+  return save_figure(fig, out or os.path.join(workdir, "learning_curves.png"), dpi=100)
+
+
+def save_figure(fig, path: str, dpi: int = 90) -> str:
+  """Writes a matplotlib figure as a PNG to any storage path (gs:// too), closes it, and
+  returns the path."""
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top  (only when plotting)
   buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=100)
+  fig.savefig(buffer, format="png", dpi=dpi)
   plt.close(fig)
-  return storage.write_bytes(out, buffer.getvalue())
+  return storage.write_bytes(path, buffer.getvalue())

@@ -13,7 +13,6 @@ run (the highest, or for metrics named in --lower_is_better the lowest, with las
 
 from __future__ import annotations
 
-import io
 import sys
 
 from absl import app
@@ -63,7 +62,7 @@ def plot(runs, metrics, out: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax import storage  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.reporting import curves  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.8), squeeze=False)
   for ax, m in zip(axes[0], metrics):
     for label, results in runs:
@@ -76,10 +75,7 @@ def plot(runs, metrics, out: str) -> None:
     if ax.lines:
       ax.legend(fontsize=7)
   fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=90)
-  plt.close(fig)
-  storage.write_bytes(out, buffer.getvalue())
+  curves.save_figure(fig, out)
 
 
 def main(argv):

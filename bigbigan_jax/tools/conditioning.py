@@ -180,7 +180,7 @@ def plot(results: dict[int, dict[str, float]], path: str, title: str = "") -> No
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  from bigbigan_jax import storage  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.reporting import curves  # pylint: disable=g-import-not-at-top
   steps = sorted(results)
   series = lambda k: [results[s][k] for s in steps]
   fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
@@ -204,10 +204,7 @@ def plot(results: dict[int, dict[str, float]], path: str, title: str = "") -> No
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  buffer = __import__("io").BytesIO()
-  fig.savefig(buffer, format="png", dpi=90)
-  plt.close(fig)
-  storage.write_bytes(path, buffer.getvalue())
+  curves.save_figure(fig, path)
 
 
 def main(argv):
