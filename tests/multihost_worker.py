@@ -17,7 +17,8 @@ process_id, num_processes, local_devices, port = map(int, sys.argv[1:5])
 workdir, out = sys.argv[5:7]
 overrides = [arg.split("=", 1) for arg in sys.argv[7:]]
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + f" --xla_force_host_platform_device_count={local_devices}").strip()
 
 import jax  # noqa: E402
 

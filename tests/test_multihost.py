@@ -119,7 +119,8 @@ def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step_and_resumes_exactly(
 
 def test_a_lost_host_ends_the_other_with_the_message(tmp_path):
   logs = [tmp_path / f"host{i}.log" for i in range(2)]
-  hosts = _hosts(tmp_path / "run", logs, "num_train_steps=100000", "log_every_steps=2",
+  # RUN's model and batch: process 0 loads the programs the runs above compiled.
+  hosts = _hosts(tmp_path / "run", logs, *RUN, "num_train_steps=100000", "log_every_steps=2",
                  "checkpoint_every_steps=5", "lost_process_timeout_s=30.0")
   wait_for(logs[0], r"step 2/100000", hosts)
   wait_for(logs[1], r"step 2/100000", hosts)
