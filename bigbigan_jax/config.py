@@ -102,9 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   # BigGAN: D also ranks real images' scores with their own labels above those with wrong ones,
   # weighted by this: its projection learns the classes from real data (docs/conditioning.md).
   c.loss.wrong_label_ranking = 0.0
-  # BigGAN: every image D sees, real or G's, shifted by up to this many pixels each way
-  # (DiffAugment's translation, Zhao et al. 2020).
-  c.loss.translate = 0
+  c.loss.translate = 0  # BigGAN: every image D sees shifted up to this many pixels each way,
+  c.loss.cutout = 0.0  # then a square of this fraction of its side blanked (DiffAugment).
 
   c.optim = ml_collections.ConfigDict()
   c.optim.g_lr = 5e-5
@@ -330,8 +329,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.model.kind == "biggan" and config.model.num_classes > 1):
     _fail("loss.wrong_label_ranking", config.loss.wrong_label_ranking, "it ranks real images' "
           "labels: a class-conditional BigGAN (model.kind='biggan', num_classes >= 2) only")
-  if _non_negative(config, "loss.translate") and config.model.kind != "biggan":
-    _fail("loss.translate", config.loss.translate, "BigGAN only: set it to 0")
+  for field, integer in (("translate", True), ("cutout", False)):
+    if _non_negative(config, f"loss.{field}", integer=integer) and config.model.kind != "biggan":
+      _fail(f"loss.{field}", config.loss[field], "BigGAN only: set it to 0")
+  if config.loss.cutout >= 1:
+    _fail("loss.cutout", config.loss.cutout, "a fraction of the image side: below 1")
   for field in ("latent_regression_trains_g", "image_reconstruction_trains_g"):
     if not isinstance(config.loss[field], bool):
       _fail(f"loss.{field}", config.loss[field], "it must be True or False")
@@ -426,11 +428,9 @@ def with_defaults(stored: dict) -> ml_collections.ConfigDict:
   checkpoint's config read this way describes the same networks it was trained with.
   """
   config = base_config()
-
   def merge(node, values):
     for key, value in values.items():
-      if isinstance(value, dict) and key in node and isinstance(node[key],
-                                                                ml_collections.ConfigDict):
+      if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
         merge(node[key], value)
       else:
         node[key] = value

@@ -332,3 +332,37 @@ def test_translate_shifts_each_image_by_its_own_offset_and_keeps_the_gradient(lo
   config.loss.translate = 2
   with pytest.raises(ValueError, match="loss.translate.*BigGAN only"):
     config_lib.validate(config)
+
+
+def test_cutout_blanks_a_square_of_each_image_where_its_own_key_puts_it(load_config):
+  """loss.cutout = f: each image D sees loses a square of side round(f · H), at a place of its
+  own that may hang over an edge; what is outside the square is untouched, and G's gradient
+  stops inside it only."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+
+  from bigbigan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
+
+  b, r = 400, 8
+  images = jnp.full((b, r, r, 1), 2.0)
+  cut = objectives.BigGAN(SimpleNamespace(num_classes=3), cutout=0.5)
+  out = np.asarray(cut._augment(images, jax.random.PRNGKey(0)))[..., 0]
+  assert set(np.unique(out)) == {0.0, 2.0}
+  for image in out:  # The blanked pixels of each image form one axis-aligned block...
+    rows, cols = np.nonzero(image == 0)
+    assert len(rows) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert rows.max() - rows.min() < 4 and cols.max() - cols.min() < 4
+  blanked = (out == 0).sum(axis=(1, 2))  # ...of 4x4 when inside, less over an edge.
+  assert blanked.max() == 16 and blanked.min() >= 4 and np.mean(blanked == 16) > 0.3
+  assert np.all((out == 0).any(axis=0))  # Every pixel is blanked in some image.
+  grad = np.asarray(jax.grad(lambda x: jnp.sum(cut._augment(x, jax.random.PRNGKey(0))))(
+      images))[..., 0]
+  np.testing.assert_array_equal(grad, (out != 0).astype(np.float32))
+  config = load_config("tiny.py")  # BigBiGAN: refused.
+  config.loss.cutout = 0.5
+  with pytest.raises(ValueError, match="loss.cutout.*BigGAN only"):
+    config_lib.validate(config)
+  config = load_config("tiny.py:biggan")
+  config.loss.cutout = 1.0
+  with pytest.raises(ValueError, match="loss.cutout.*below 1"):
+    config_lib.validate(config)

@@ -284,11 +284,11 @@ def test_entry_point_trains_and_writes_the_workdir(tmp_path):
   # A relative --workdir, as in the README's command (orbax itself wants absolute paths).
   workdir = tmp_path / "run"
   # With the conditioning options of configs/digits.py:biggan on (D's wrong-label ranking,
-  # translation, the learning-rate decay), and two checkpoints for tools.conditioning.
+  # DiffAugment, the learning-rate decay), and two checkpoints for tools.conditioning.
   out = _run_main(f"--config={ROOT}/configs/tiny.py:biggan", "--workdir=run",
                   "--config.num_train_steps=2", "--config.checkpoint_every_steps=1",
                   "--config.loss.wrong_label_ranking=1.0", "--config.loss.translate=1",
-                  "--config.optim.decay_from=0.5", cwd=tmp_path)
+                  "--config.loss.cutout=0.25", "--config.optim.decay_from=0.5", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2 | d_loss" in out.stderr
   assert (workdir / "samples" / "step_0000002.png").exists()

@@ -151,6 +151,7 @@ class BigGAN:
   nets: networks.Networks
   wrong_label_ranking: float = 0.0
   translate: int = 0
+  cutout: float = 0.0
 
   eg_networks = (G,)
   console_keys = ("d_loss", "eg_loss", "d_accuracy", "g_loss")
@@ -178,17 +179,28 @@ class BigGAN:
     return self._augment(jnp.concatenate(x), key), jnp.concatenate(c)
 
   def _augment(self, images, key):
-    """With `translate` = t > 0, each image shifted by its own offset in [-t, t] on both axes,
-    the vacated border zero (DiffAugment's translation, Zhao et al. 2020); differentiable, so
-    G learns through it. Otherwise the images unchanged."""
-    if not self.translate:
-      return images
-    t = self.translate
+    """DiffAugment (Zhao et al. 2020) of every image D sees; differentiable, so G learns
+    through it. With `translate` = t > 0, each image shifted by its own offset in [-t, t] on
+    both axes, the vacated border zero; then with `cutout` = f > 0, a square of side
+    round(f · H) at a position of its own (clipped at the border) set to zero. Otherwise the
+    images unchanged."""
     n, h, w, c = images.shape
-    offsets = jax.random.randint(jax.random.fold_in(key, 2), (n, 2), 0, 2 * t + 1)
-    padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)))
-    return jax.vmap(lambda x, o: jax.lax.dynamic_slice(x, (o[0], o[1], 0), (h, w, c)))(
-        padded, offsets)
+    if self.translate:
+      t = self.translate
+      offsets = jax.random.randint(jax.random.fold_in(key, 2), (n, 2), 0, 2 * t + 1)
+      padded = jnp.pad(images, ((0, 0), (t, t), (t, t), (0, 0)))
+      images = jax.vmap(lambda x, o: jax.lax.dynamic_slice(x, (o[0], o[1], 0), (h, w, c)))(
+          padded, offsets)
+    if self.cutout:
+      size = max(1, round(self.cutout * h))
+      # The square's first row and column; it may hang over any edge by up to half its side.
+      start = jax.random.randint(jax.random.fold_in(key, 3), (n, 2), -(size // 2),
+                                 jnp.array([h, w]) - size // 2)
+      rows = jnp.arange(h)[None, :] - start[:, :1]  # (n, h): row index within the square.
+      cols = jnp.arange(w)[None, :] - start[:, 1:]
+      inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None]
+      images = images * (1.0 - inside[..., None].astype(images.dtype))
+    return images
 
   def d_loss(self, scores, batch: int):
     """BigGAN's hinge; with `wrong_label_ranking` = λ > 0, plus
@@ -229,7 +241,7 @@ def build(nets: networks.Networks, loss: ml_collections.ConfigDict) -> Objective
                     image_reconstruction=float(loss.image_reconstruction),
                     image_reconstruction_trains_g=loss.image_reconstruction_trains_g)
   return BigGAN(nets, wrong_label_ranking=float(loss.wrong_label_ranking),
-                translate=int(loss.translate))
+                translate=int(loss.translate), cutout=float(loss.cutout))
 
 
 def sigma_metrics(objective: Objective, model_state: dict) -> dict:
