@@ -14,8 +14,7 @@ import os
 
 import ml_collections
 
-# Resolutions the networks know. The block tables live with the networks
-# (generator.G_ARCH, discriminator.D_ARCH); this is the user-facing list.
+# Resolutions the networks know (their blocks: generator.G_ARCH, discriminator.D_ARCH).
 RESOLUTIONS = (16, 32, 64, 128, 256)
 MODEL_KINDS = ("bigbigan", "biggan")
 ENCODER_ARCHS = ("resnet_v2", "revnet")
@@ -104,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.wrong_label_ranking = 0.0
   c.loss.translate = 0  # BigGAN: every image D sees shifted up to this many pixels each way,
   c.loss.cutout = 0.0  # then a square of this fraction of its side blanked (DiffAugment).
+  c.loss.lecam = 0.0  # BigGAN: LeCam's regulariser of D's scores (Tseng et al. 2021), weight.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.g_lr = 5e-5
@@ -329,7 +329,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.model.kind == "biggan" and config.model.num_classes > 1):
     _fail("loss.wrong_label_ranking", config.loss.wrong_label_ranking, "it ranks real images' "
           "labels: a class-conditional BigGAN (model.kind='biggan', num_classes >= 2) only")
-  for field, integer in (("translate", True), ("cutout", False)):
+  for field, integer in (("translate", True), ("cutout", False), ("lecam", False)):
     if _non_negative(config, f"loss.{field}", integer=integer) and config.model.kind != "biggan":
       _fail(f"loss.{field}", config.loss[field], "BigGAN only: set it to 0")
   if config.loss.cutout >= 1:

@@ -366,3 +366,43 @@ def test_cutout_blanks_a_square_of_each_image_where_its_own_key_puts_it(load_con
   config.loss.cutout = 1.0
   with pytest.raises(ValueError, match="loss.cutout.*below 1"):
     config_lib.validate(config)
+
+
+def test_lecam_pulls_scores_to_the_other_sides_anchor_and_the_anchors_follow(load_config):
+  """loss.lecam = μ: D's loss gains μ · (mean(relu(D(x) - a_fake)²) + mean(relu(a_real -
+  D(G(z)))²));
+  the anchors start at 0, each moves 1% of the way to its batch's mean score a D update, and
+  the train step carries them in D's state (test_train's entry-point test)."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+
+  from bigbigan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
+
+  real_s, fake_s = jnp.array([2.0, 0.5, -1.0]), jnp.array([-2.0, 0.0, 1.0])
+  scores = jnp.concatenate([real_s, fake_s])
+  plain = objectives.BigGAN(SimpleNamespace(num_classes=3))
+  reg = objectives.BigGAN(SimpleNamespace(num_classes=3), lecam=0.5)
+  assert plain.extra_d_state() == {} and plain.next_d_state(scores, 3, {}) == {}
+  state = reg.extra_d_state()
+  assert float(state["lecam"]["real"]) == float(state["lecam"]["fake"]) == 0.0
+  state = {"lecam": {"real": jnp.float32(1.0), "fake": jnp.float32(-1.0)}}
+  loss, metrics = reg.d_loss(scores, 3, state)
+  # mean(([2, 0.5, -1] + 1)²) = (9 + 2.25 + 0) / 3; mean(([-2, 0, 1] - 1)²) = (9 + 1 + 0) / 3.
+  lecam = 11.25 / 3 + 10 / 3
+  np.testing.assert_allclose(metrics["d_lecam"], lecam, rtol=1e-6)
+  np.testing.assert_allclose(loss, plain.d_loss(scores, 3)[0] + 0.5 * lecam, rtol=1e-6)
+  # Its gradient pulls each real score towards a_fake and each fake one towards a_real.
+  grad = jax.grad(lambda s: reg.d_loss(s, 3, state)[0] - plain.d_loss(s, 3)[0])(scores)
+  np.testing.assert_allclose(grad, 0.5 * 2 / 3 * np.array([3.0, 1.5, 0.0, -3.0, -1.0, 0.0]),
+                             rtol=1e-5)
+  # Only a real score above a_fake, or a fake one below a_real, is pulled.
+  apart = {"lecam": {"real": jnp.float32(-5.0), "fake": jnp.float32(5.0)}}
+  assert float(reg.d_loss(scores, 3, apart)[1]["d_lecam"]) == 0.0
+  moved = reg.next_d_state(scores, 3, state)["lecam"]
+  np.testing.assert_allclose(moved["real"], 0.99 * 1.0 + 0.01 * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(moved["fake"], 0.99 * -1.0 + 0.01 * -1 / 3, rtol=1e-6)
+
+  config = load_config("tiny.py")  # BigBiGAN: not available.
+  config.loss.lecam = 0.3
+  with pytest.raises(ValueError, match="loss.lecam.*BigGAN only"):
+    config_lib.validate(config)

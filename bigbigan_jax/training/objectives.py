@@ -28,6 +28,8 @@ from bigbigan_jax.models.networks import E
 from bigbigan_jax.models.networks import G
 from bigbigan_jax.training import losses
 
+# LeCam's anchors (BigGAN.extra_d_state) move this much slower than D's scores (the paper's).
+LECAM_DECAY = 0.99
 # (x, c) → D's scores in eval mode, with D's weights bound: what the E/G loss sees.
 Score = Callable[[jax.Array, jax.Array], object]
 
@@ -89,7 +91,15 @@ class BigBiGAN:
     del key
     return jnp.concatenate([real.x, fake_x]), jnp.concatenate([real.c, fake_c])
 
-  def d_loss(self, scores, batch: int):
+  def extra_d_state(self) -> dict:
+    return {}
+
+  def next_d_state(self, scores, batch: int, d_state: dict) -> dict:
+    del scores, batch, d_state
+    return {}
+
+  def d_loss(self, scores, batch: int, d_state: dict | None = None):
+    del d_state
     real_scores, fake_scores = split_scores(scores, batch)
     loss, terms = losses.bigbigan_d_loss(real_scores, fake_scores, unary_x=self.unary_x,
                                          unary_z=self.unary_z, reduction=self.reduction)
@@ -152,6 +162,7 @@ class BigGAN:
   wrong_label_ranking: float = 0.0
   translate: int = 0
   cutout: float = 0.0
+  lecam: float = 0.0
 
   eg_networks = (G,)
   console_keys = ("d_loss", "eg_loss", "d_accuracy", "g_loss")
@@ -202,12 +213,36 @@ class BigGAN:
       images = images * (1.0 - inside[..., None].astype(images.dtype))
     return images
 
-  def d_loss(self, scores, batch: int):
+  def extra_d_state(self) -> dict:
+    """D's state besides its spectral norms: with `lecam`, LeCam's anchors, the moving
+    averages of D's mean score on real and on fake images (from 0)."""
+    if not self.lecam:
+      return {}
+    return {"lecam": {"real": jnp.zeros((), jnp.float32), "fake": jnp.zeros((), jnp.float32)}}
+
+  def next_d_state(self, scores, batch: int, d_state: dict) -> dict:
+    """The anchors after a D update: each moves 1 - LECAM_DECAY of the way to this batch's
+    mean score."""
+    if not self.lecam:
+      return {}
+    real, fake = jax.lax.stop_gradient((scores[:batch], scores[batch:2 * batch]))
+    old = d_state["lecam"]
+    move = lambda anchor, s: LECAM_DECAY * anchor + (1 - LECAM_DECAY) * jnp.mean(s)
+    return {"lecam": {"real": move(old["real"], real), "fake": move(old["fake"], fake)}}
+
+  def d_loss(self, scores, batch: int, d_state: dict | None = None):
     """BigGAN's hinge; with `wrong_label_ranking` = λ > 0, plus
     λ · mean(relu(1 - (D(x, y) - D(x, y')))) over real images x, their labels y and wrong
     labels y' (not in the papers). D's unconditional term is the same for both pairs, so
     this trains the projection alone to tell the classes of real images apart: a signal
-    that does not wait for G's images to become hard to tell from real ones."""
+    that does not wait for G's images to become hard to tell from real ones.
+
+    With `lecam` = μ > 0 (Tseng et al. 2021, for GANs trained on little data), plus
+    μ · (mean(relu(D(x) - a_fake)²) + mean(relu(a_real - D(G(z)))²)), a_real and a_fake the
+    anchors of `d_state` (`extra_d_state`), as the authors' code has it: a real image's score
+    is pulled down towards where fake ones have been scoring, a fake one's up towards the
+    real ones', so D is held back from pushing the two apart without bound, which on a small
+    training set it can do by memorising it."""
     real_scores, fake_scores = scores[:batch], scores[batch:2 * batch]
     loss = losses.d_hinge(real_scores, fake_scores)
     metrics = {"d_accuracy": _accuracy(real_scores, fake_scores),
@@ -218,6 +253,12 @@ class BigGAN:
       loss = loss + self.wrong_label_ranking * ranking
       metrics.update({"d_wrong_label_ranking": ranking,
                       "d_label_accuracy": jnp.mean(margin > 0)})
+    if self.lecam:
+      anchors = d_state["lecam"]
+      lecam = (jnp.mean(jnp.square(jax.nn.relu(real_scores - anchors["fake"])))
+               + jnp.mean(jnp.square(jax.nn.relu(anchors["real"] - fake_scores))))
+      loss = loss + self.lecam * lecam
+      metrics["d_lecam"] = lecam
     return loss, {"d_loss": loss, **metrics}
 
   def eg_loss(self, score: Score, real: RealPairs, fake_x, fake_c, params, model_state, key):
@@ -241,7 +282,8 @@ def build(nets: networks.Networks, loss: ml_collections.ConfigDict) -> Objective
                     image_reconstruction=float(loss.image_reconstruction),
                     image_reconstruction_trains_g=loss.image_reconstruction_trains_g)
   return BigGAN(nets, wrong_label_ranking=float(loss.wrong_label_ranking),
-                translate=int(loss.translate), cutout=float(loss.cutout))
+                translate=int(loss.translate), cutout=float(loss.cutout),
+                lecam=float(loss.lecam))
 
 
 def sigma_metrics(objective: Objective, model_state: dict) -> dict:

@@ -83,12 +83,13 @@ def init_train_state(rng: jax.Array, *, nets: networks.Networks,
   params = {name: v["params"] for name, v in variables.items()}
   model_state = {name: {c: x for c, x in v.items() if c != "params"}
                  for name, v in variables.items()}
+  objective = objectives.build(nets, config.loss)
+  model_state[D] = {**model_state[D], **objective.extra_d_state()}
   tx_d, tx_ge = make_optimizers(config)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-      ema_params=params[G], opt_d=tx_d.init(params[D]), opt_ge=tx_ge.init(
-          {n: params[n] for n in objectives.build(nets, config.loss).eg_networks}),
-      rng=state_key)
+      ema_params=params[G], opt_d=tx_d.init(params[D]),
+      opt_ge=tx_ge.init({n: params[n] for n in objective.eg_networks}), rng=state_key)
 
 
 def abstract_train_state(nets, config, mesh):

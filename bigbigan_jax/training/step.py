@@ -113,8 +113,9 @@ def d_microbatch(d_params, d_state, mb: dict, key, *, state: state_lib.TrainStat
   """D's loss on one micro-batch and its gradient.
 
   Args:
-    d_params, d_state: D's weights and its spectral-norm state (threaded through the
-      micro-batches: each D call in training mode takes one power-iteration step).
+    d_params, d_state: D's weights and its state (threaded through the micro-batches: each
+      D call in training mode takes one power-iteration step; the objective's own state, such
+      as LeCam's anchors, moves once a micro-batch).
     mb: {"images", "labels"}: the real examples; {"z", "fake_labels"}: G's latents.
     key: E's noise for the real pairs (BigGAN: the wrong labels of `d_inputs`).
     state: the step's train state (G's and E's weights and statistics).
@@ -135,7 +136,9 @@ def d_microbatch(d_params, d_state, mb: dict, key, *, state: state_lib.TrainStat
   def loss_fn(p):
     scores, new_state = nets.discriminator.apply({"params": p, **d_state}, x, c, train=True,
                                                  mutable=["spectral"])
-    loss, metrics = objective.d_loss(scores, fake.shape[0])
+    loss, metrics = objective.d_loss(scores, fake.shape[0], d_state)
+    new_state = {**d_state, **new_state,
+                 **objective.next_d_state(scores, fake.shape[0], d_state)}
     return loss, (metrics, new_state)
 
   (_, (metrics, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d_params)
