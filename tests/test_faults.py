@@ -16,10 +16,11 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_train import tiny
 from processes import stopped_at
 from processes import wait_for
+from test_train import tiny
 from train_steps import flat
+from train_steps import LIFECYCLE_RUN
 
 from bigbigan_jax import train
 from bigbigan_jax.training import faults
@@ -47,14 +48,11 @@ def _damage(step_dir: pathlib.Path, how: str):
 
 
 # What the single-host tests run: configs/tiny.py:lifecycle, whose step traces and loads in
-# about half the tiny BigBiGAN's time (what is tested is the run's life, not the step).
-STEPS = 12
-# One set of overrides for the in-process runs and the entry point's processes: their final
-# params are compared bit for bit.
-# Each update averages 4 micro-batches (gradient accumulation): resuming must not change
-# which examples, latents or noise each micro-batch gets.
-RUN = {"num_train_steps": STEPS, "log_every_steps": 4, "sample_every_steps": 1000,
-       "batch_size": 32, "optim__microbatches": 4}
+# about half the tiny BigBiGAN's time (what is tested is the run's life, not the step), with
+# train_steps.LIFECYCLE_RUN: the in-process runs and the entry point's processes get the same
+# overrides, and their final params are compared bit for bit.
+RUN = LIFECYCLE_RUN
+STEPS = RUN["num_train_steps"]
 FLAGS = tuple(f"--config.{key.replace('__', '.')}={value}" for key, value in RUN.items())
 
 

@@ -34,8 +34,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 6  # Each two-host step takes seconds here: hundreds of gloo collectives over TCP.
 # Two D updates a step: each host feeds its half of both real batches. Each update averages
 # two micro-batches (gradient accumulation), each spread over both hosts' devices.
+# The EMA from step 0 at decay 0.5, as test_accumulation's 8-device test: the one-host
+# reference below then runs the step and init that test compiled (the EMA is not compared).
 RUN = (f"num_train_steps={STEPS}", "log_every_steps=4", "checkpoint_every_steps=100",
-       "optim.d_steps=2", "batch_size=16", "optim.microbatches=2")
+       "optim.d_steps=2", "batch_size=16", "optim.microbatches=2", "ema.start_step=0",
+       "ema.decay=0.5")
 
 
 def _hosts(workdir, logs, *overrides):
@@ -71,7 +74,8 @@ def test_two_processes_match_one_process(tmp_path, uninterrupted):
   config.optim.eps = 1e-4  # As tests/multihost_worker.py.
   config.update_from_flattened_dict({"num_train_steps": 2, "sample_every_steps": 100,
                                      "optim.d_steps": 2, "batch_size": 16,
-                                     "optim.microbatches": 2})
+                                     "optim.microbatches": 2, "ema.start_step": 0,
+                                     "ema.decay": 0.5})
   assert jax.device_count() == 8
   state = train.train_and_evaluate(config, str(tmp_path / "one_host"))
   one = _by_path(state.params)

@@ -1,6 +1,7 @@
 """The train step and loop on the tiny config: sharding equivalence, resume, checkpoints
 across device counts, errors before compiling, divergence handling, the entry point."""
 
+import functools
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from train_steps import flat
 from train_steps import initial_state
+from train_steps import LIFECYCLE_RUN
 from train_steps import one_step
 
 from bigbigan_jax import config as config_lib
@@ -42,6 +44,12 @@ def tiny(variant="bigbigan", **overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def lifecycle_run(**overrides):
+  """The loop tests' config: test_faults' and test_storage's runs (one step program for all
+  of them), with `overrides` that leave the step as it is (steps, checkpoints, samples)."""
+  return tiny("lifecycle", **{**LIFECYCLE_RUN, **overrides})
 
 
 def test_step_on_8_devices_equals_1_device():
@@ -116,14 +124,15 @@ class _Recorder:
 def test_resume_and_rollback_give_the_same_params_and_batches(tmp_path, monkeypatch):
   straight = _Recorder(monkeypatch)
   # Snapshots every 2 steps are kept past the rotation (keep 2: 4 and 6).
-  final_straight = train.train_and_evaluate(tiny(num_train_steps=6, keep_every_steps=2),
+  run = functools.partial(lifecycle_run, sample_every_steps=2, checkpoint_every_steps=2)
+  final_straight = train.train_and_evaluate(run(num_train_steps=6, keep_every_steps=2),
                                             str(tmp_path / "a"))
   assert sorted(os.listdir(tmp_path / "a" / "checkpoints")) == ["2", "4", "6"]
 
   resumed = _Recorder(monkeypatch)
-  train.train_and_evaluate(tiny(num_train_steps=3), str(tmp_path / "b"))
+  train.train_and_evaluate(run(num_train_steps=3), str(tmp_path / "b"))
   assert checkpoint_lib.read_latest(str(tmp_path / "b"))[0] == 3
-  final_resumed = train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "b"))
+  final_resumed = train.train_and_evaluate(run(num_train_steps=6), str(tmp_path / "b"))
 
   assert int(final_resumed.step) == int(final_straight.step) == 6
   assert len(resumed.batches) == len(straight.batches) == 6
@@ -136,7 +145,7 @@ def test_resume_and_rollback_give_the_same_params_and_batches(tmp_path, monkeypa
 
   # Rolling back as the README says: a kept step copied into a new workdir, the same command.
   shutil.copytree(tmp_path / "a" / "checkpoints" / "2", tmp_path / "c" / "checkpoints" / "2")
-  final_rolled_back = train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path / "c"))
+  final_rolled_back = train.train_and_evaluate(run(num_train_steps=6), str(tmp_path / "c"))
   np.testing.assert_array_equal(flat(final_rolled_back.params), flat(final_straight.params))
   np.testing.assert_array_equal(flat(final_rolled_back.opt_d), flat(final_straight.opt_d))
 
@@ -151,15 +160,16 @@ def test_resume_and_rollback_give_the_same_params_and_batches(tmp_path, monkeypa
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   _Recorder(monkeypatch, poison_step=3)
   with pytest.raises(FloatingPointError, match="step 3") as error:
-    train.train_and_evaluate(tiny(num_train_steps=6), str(tmp_path))
+    train.train_and_evaluate(lifecycle_run(num_train_steps=6, checkpoint_every_steps=2),
+                             str(tmp_path))
   assert "last good checkpoint is step 2" in str(error.value)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
 def test_a_collapse_rule_warns_and_stop_on_collapse_saves_and_stops(tmp_path, caplog):
   # A rule set to fire at once: D's accuracy "pinned" at >= 1e-9 on one log.
-  config = tiny(num_train_steps=6, collapse__d_accuracy=1e-9, collapse__pinned_logs=1,
-                collapse__stop_on_collapse=True)
+  config = lifecycle_run(num_train_steps=6, log_every_steps=1, collapse__d_accuracy=1e-9,
+                         collapse__pinned_logs=1, collapse__stop_on_collapse=True)
   final = train.train_and_evaluate(config, str(tmp_path))
   assert int(final.step) == 1
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
@@ -221,7 +231,7 @@ def test_empty_image_folder_is_rejected(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_refused_untouched(tmp_path):
-  config = tiny()
+  config = lifecycle_run()
   nets = networks.build(config.model)
   mesh = sharding.make_mesh((("data", -1),))
   abstract = state_lib.abstract_train_state(nets, config, mesh)
@@ -231,10 +241,10 @@ def test_checkpoint_of_another_model_is_refused_untouched(tmp_path):
   ckpt.wait()
   before = _listing(tmp_path)
   with pytest.raises(ValueError, match=r"different model:\n  model.ch: checkpoint 4 vs config 8"):
-    train.train_and_evaluate(tiny(model__ch=8), str(tmp_path))
+    train.train_and_evaluate(lifecycle_run(model__ch=8), str(tmp_path))
   assert _listing(tmp_path) == before
   # Settings that do not change what is stored may differ on resume.
-  step, _ = checkpoint_lib.check_compatible(str(tmp_path), tiny(model__remat=True))
+  step, _ = checkpoint_lib.check_compatible(str(tmp_path), lifecycle_run(model__remat=True))
   assert step == 5
 
 
@@ -284,13 +294,26 @@ def test_entry_point_trains_and_writes_the_workdir(tmp_path):
   # A relative --workdir, as in the README's command (orbax itself wants absolute paths).
   workdir = tmp_path / "run"
   # With the conditioning options of configs/digits.py:biggan on (D's wrong-label ranking,
-  # DiffAugment, the learning-rate decay), and two checkpoints for tools.conditioning.
+  # DiffAugment, LeCam, the learning-rate decay), and two checkpoints for tools.conditioning
+  # (which must read D's state with LeCam's anchors in it).
   out = _run_main(f"--config={ROOT}/configs/tiny.py:biggan", "--workdir=run",
                   "--config.num_train_steps=2", "--config.checkpoint_every_steps=1",
                   "--config.loss.wrong_label_ranking=1.0", "--config.loss.translate=1",
-                  "--config.loss.cutout=0.25", "--config.optim.decay_from=0.5", cwd=tmp_path)
+                  "--config.loss.cutout=0.25", "--config.optim.decay_from=0.5",
+                  "--config.loss.lecam=0.1", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2 | d_loss" in out.stderr
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  lecam = [v.simple_value or tf.make_ndarray(v.tensor)
+           for name in os.listdir(workdir / "tensorboard")
+           for e in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / name))
+           for v in e.summary.value if v.tag.endswith("d_lecam")]
+  assert len(lecam) == 2 and all(np.isfinite(v) and v > 0 for v in lecam), lecam
+  # LeCam's anchors, kept in D's state, moved from 0 (test_losses has their arithmetic).
+  config = tiny("biggan", num_train_steps=2, loss__wrong_label_ranking=1.0, loss__translate=1,
+                loss__cutout=0.25, optim__decay_from=0.5, loss__lecam=0.1)
+  anchors = loop.prepare(config, str(workdir)).resumed_state.model_state["discriminator"]
+  assert all(float(a) != 0 for a in jax.tree_util.tree_leaves(anchors["lecam"])), anchors
   assert (workdir / "samples" / "step_0000002.png").exists()
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
   assert (workdir / "config.json").exists()

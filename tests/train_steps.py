@@ -9,6 +9,15 @@ from bigbigan_jax.training import checkpoint as checkpoint_lib
 from bigbigan_jax.training import state as state_lib
 from bigbigan_jax.training import step as step_lib
 
+# The runs of the tests of a run's life (resume, rollback, damaged checkpoints, signals, the
+# bucket): configs/tiny.py:lifecycle with these overrides, in this process or through the
+# entry point, on the 8 CPU devices. One set, so that they all run one step program, compiled
+# by the first and loaded from the persistent cache by the others. Each update averages 4
+# micro-batches (gradient accumulation): resuming must not change which examples, latents or
+# noise each micro-batch gets.
+LIFECYCLE_RUN = {"num_train_steps": 12, "log_every_steps": 4, "sample_every_steps": 1000,
+                 "batch_size": 32, "optim__microbatches": 4}
+
 
 def flat(tree) -> np.ndarray:
   """Every leaf of `tree`, raveled into one float64 vector."""
