@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
+from train_steps import tensorboard_scalars
 
 from bigbigan_jax import config as config_lib
 from bigbigan_jax import inference
@@ -269,10 +269,8 @@ def test_train_then_eval_mode_end_to_end(tmp_path):
                                                  "random_encoder/bn_crelu_feat")
                for k in ("top1", "top5", "train_top1")}
   assert baselines <= set(printed) and not baselines & set(trained["results"])
-  tags = {value.tag for name in os.listdir(workdir / "tensorboard")
-          for event in tf.compat.v1.train.summary_iterator(str(workdir / "tensorboard" / name))
-          for value in event.summary.value}
-  assert "eval/probe/random_encoder/bn_crelu_feat/top5" in tags
+  assert "eval/probe/random_encoder/bn_crelu_feat/top5" in tensorboard_scalars(
+      workdir / "tensorboard")
 
 
 def test_eval_mode_fails_before_any_work(tmp_path):

@@ -1,5 +1,7 @@
 """One train step from a fixed init and a fixed batch: what the step-comparison tests share."""
 
+import pathlib
+
 import jax
 import numpy as np
 
@@ -17,6 +19,19 @@ from bigbigan_jax.training import step as step_lib
 # noise each micro-batch gets.
 LIFECYCLE_RUN = {"num_train_steps": 12, "log_every_steps": 4, "sample_every_steps": 1000,
                  "batch_size": 32, "optim__microbatches": 4}
+
+
+def tensorboard_scalars(directory) -> dict:
+  """{tag: [value, ...] in the order written} of the scalar summaries of every event file in
+  `directory` (tf.summary.scalar writes them as tensors; images and text are left out)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  values = {}
+  for path in sorted(pathlib.Path(directory).iterdir()):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "scalars":
+          values.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+  return values
 
 
 def flat(tree) -> np.ndarray:
