@@ -94,16 +94,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.latent_regression = 0.0
   c.loss.latent_regression_trains_g = False
   # BigBiGAN: E also learns to reconstruct real images through G, mean((G(E(x)) - x)²) at D's
-  # resolution (ALICE's cycle consistency, Li et al. 2017), weighted by this; G learns from it
-  # too (drawing x from E(x)) only with image_reconstruction_trains_g.
+  # resolution (ALICE, Li et al. 2017); G learns from it too with image_reconstruction_trains_g.
   c.loss.image_reconstruction = 0.0
   c.loss.image_reconstruction_trains_g = False
-  # BigGAN: D also ranks real images' scores with their own labels above those with wrong ones,
-  # weighted by this: its projection learns the classes from real data (docs/conditioning.md).
+  # BigGAN: D ranks real images' own labels above wrong ones, weighted (docs/conditioning.md).
   c.loss.wrong_label_ranking = 0.0
   c.loss.translate = 0  # BigGAN: every image D sees shifted up to this many pixels each way,
   c.loss.cutout = 0.0  # then a square of this fraction of its side blanked (DiffAugment).
   c.loss.lecam = 0.0  # BigGAN: LeCam's regulariser of D's scores (Tseng et al. 2021), weight.
+  c.loss.mode_seeking = 0.0  # BigGAN: G's mode-seeking term (Mao et al. 2019), weight,
+  c.loss.mode_seeking_from = 0  # from this train step on.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.g_lr = 5e-5
@@ -113,9 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.d_steps = 2  # D updates per E/G update.
-  # Not in the papers (1.0 = off): every learning rate is held to step decay_from *
-  # num_train_steps, then decays linearly to 0 at num_train_steps (raising it stretches it).
-  c.optim.decay_from = 1.0
+  # Not in the papers (1.0 = off): every learning rate held to step decay_from * steps, then
+  c.optim.decay_from = 1.0  # decaying linearly to 0 at num_train_steps.
   # Gradient accumulation: each update averages the gradients of this many micro-batches of
   # batch_size / microbatches, so batch, rates and schedule keep their meaning; BN statistics
   # and spectral-norm iterations are per micro-batch (docs/design.md, "Gradient accumulation").
@@ -329,8 +328,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       config.model.kind == "biggan" and config.model.num_classes > 1):
     _fail("loss.wrong_label_ranking", config.loss.wrong_label_ranking, "it ranks real images' "
           "labels: a class-conditional BigGAN (model.kind='biggan', num_classes >= 2) only")
-  for field, integer in (("translate", True), ("cutout", False), ("lecam", False)):
-    if _non_negative(config, f"loss.{field}", integer=integer) and config.model.kind != "biggan":
+  for field in ("translate", "cutout", "lecam", "mode_seeking", "mode_seeking_from"):
+    if (_non_negative(config, f"loss.{field}", integer=field in ("translate", "mode_seeking_from"))
+        and config.model.kind != "biggan"):
       _fail(f"loss.{field}", config.loss[field], "BigGAN only: set it to 0")
   if config.loss.cutout >= 1:
     _fail("loss.cutout", config.loss.cutout, "a fraction of the image side: below 1")

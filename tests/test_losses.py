@@ -406,3 +406,53 @@ def test_lecam_pulls_scores_to_the_other_sides_anchor_and_the_anchors_follow(loa
   config.loss.lecam = 0.3
   with pytest.raises(ValueError, match="loss.lecam.*BigGAN only"):
     config_lib.validate(config)
+
+
+def test_mode_seeking_pairs_g_labels_and_pushes_each_pairs_images_apart(load_config):
+  """loss.mode_seeking = ν, from step loss.mode_seeking_from on: G's own update draws samples
+  2q and 2q + 1 with one label, and its loss gains
+  ν / (mean|G(z_2q) - G(z_2q+1)| / mean|z_2q - z_2q+1| + 1e-5); before that step, and in
+  BigBiGAN, labels and loss are as they were."""
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+
+  from bigbigan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from bigbigan_jax.training import objectives  # pylint: disable=g-import-not-at-top
+
+  nets = SimpleNamespace(num_classes=10)
+  plain = objectives.BigGAN(nets)
+  seeking = objectives.BigGAN(nets, mode_seeking=0.5, mode_seeking_from=3)
+  before, on = jnp.int32(2), jnp.int32(3)
+  labels = jnp.array([3, 7, 1, 1, 9, 0, 4])
+  np.testing.assert_array_equal(plain.g_labels(labels, on), labels)
+  np.testing.assert_array_equal(seeking.g_labels(labels, before), labels)
+  np.testing.assert_array_equal(seeking.g_labels(labels, on), [3, 3, 1, 1, 9, 9, 4])
+  assert seeking.g_labels(None, on) is None  # An unconditional G has no labels to pair.
+  assert plain.g_regulariser(None, None, on) == (0.0, {})
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  x = jax.random.uniform(keys[0], (7, 4, 4, 3), minval=-1, maxval=1)
+  z = jax.random.normal(keys[1], (7, 5))
+  ratio = (np.mean(np.abs(np.asarray(x[0:6:2] - x[1:6:2])))  # The unpaired 7th is left out.
+           / np.mean(np.abs(np.asarray(z[0:6:2] - z[1:6:2]))))
+  loss, terms = seeking.g_regulariser(x, z, on)
+  np.testing.assert_allclose(terms["g_diversity"], ratio, rtol=1e-5)
+  np.testing.assert_allclose(loss, 0.5 / (ratio + 1e-5), rtol=1e-5)
+  off, off_terms = seeking.g_regulariser(x, z, before)  # Measured, not yet applied.
+  assert float(off) == 0.0 and float(off_terms["g_diversity"]) == float(terms["g_diversity"])
+  # Its gradient moves each pair's images apart: a small step downhill raises every pair's
+  # distance.
+  grad = jax.grad(lambda xs: seeking.g_regulariser(xs, z, on)[0])(x)
+  stepped = x - 1e-3 * grad
+  for q in range(3):
+    gap = lambda xs: float(jnp.sum(jnp.abs(xs[2 * q] - xs[2 * q + 1])))
+    assert gap(stepped) > gap(x)
+  assert float(jnp.abs(grad[6]).max()) == 0.0
+
+  config = load_config("tiny.py")  # BigBiGAN: not available.
+  config.loss.mode_seeking = 0.3
+  with pytest.raises(ValueError, match="loss.mode_seeking.*BigGAN only"):
+    config_lib.validate(config)
+  config = load_config("tiny.py:biggan")
+  config.loss.mode_seeking_from = -1
+  with pytest.raises(ValueError, match="loss.mode_seeking_from.*integer >= 0"):
+    config_lib.validate(config)

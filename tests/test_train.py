@@ -291,19 +291,25 @@ def _run_main(*args, timeout=600, cwd=ROOT):
 def test_entry_point_trains_and_writes_the_workdir(tmp_path):
   # A relative --workdir, as in the README's command (orbax itself wants absolute paths).
   workdir = tmp_path / "run"
-  # With the conditioning options of configs/digits.py:biggan on (D's wrong-label ranking,
-  # DiffAugment, LeCam, the learning-rate decay), and two checkpoints for tools.conditioning
-  # (which must read D's state with LeCam's anchors in it).
+  # With the conditioning options of configs/digits.py:biggan on (D's wrong-label ranking, G's
+  # mode seeking, DiffAugment, LeCam, the learning-rate decay), and two checkpoints for
+  # tools.conditioning (which must read D's state with LeCam's anchors in it).
   out = _run_main(f"--config={ROOT}/configs/tiny.py:biggan", "--workdir=run",
                   "--config.num_train_steps=2", "--config.checkpoint_every_steps=1",
                   "--config.loss.wrong_label_ranking=1.0", "--config.loss.translate=1",
                   "--config.loss.cutout=0.25", "--config.optim.decay_from=0.5",
-                  "--config.loss.lecam=0.1", cwd=tmp_path)
+                  "--config.loss.lecam=0.1", "--config.loss.mode_seeking=0.1",
+                  "--config.loss.mode_seeking_from=1", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2 | d_loss" in out.stderr
-  lecam = [v for tag, values in tensorboard_scalars(workdir / "tensorboard").items()
-           if tag.endswith("d_lecam") for v in values]
-  assert len(lecam) == 2 and all(np.isfinite(v) and v > 0 for v in lecam), lecam
+  scalars = tensorboard_scalars(workdir / "tensorboard")
+  values = lambda name: [v for tag, vs in scalars.items() if tag.endswith(name) for v in vs]
+  for name in ("d_lecam", "g_diversity"):
+    assert len(values(name)) == 2 and all(np.isfinite(v) and v > 0 for v in values(name)), (
+        name, values(name))
+  # Mode seeking joins G's loss from step 1 on: not in the first update, in the second.
+  seeking = values("g_mode_seeking")
+  assert len(seeking) == 2 and seeking[0] == 0 and seeking[1] > 0, seeking
   # LeCam's anchors, kept in D's state, moved from 0 (test_losses has their arithmetic).
   anchors = inference.load(str(workdir)).discriminator_variables["lecam"]
   assert all(float(a) != 0 for a in jax.tree_util.tree_leaves(anchors)), anchors

@@ -155,7 +155,8 @@ def biggan_pytorch_spec(config, checkout: str, steps: int, warmup: int) -> dict:
         f"model.kind={model.kind!r}, num_classes={model.num_classes}. Use a biggan config, "
         "e.g. --config=configs/digits.py:biggan.")
   extras = {f"loss.{k}": config.loss[k]
-            for k in ("wrong_label_ranking", "translate", "cutout", "lecam") if config.loss[k]}
+            for k in ("wrong_label_ranking", "translate", "cutout", "lecam", "mode_seeking")
+            if config.loss[k]}
   if config.optim.decay_from < 1:
     extras["optim.decay_from"] = config.optim.decay_from
   if extras:

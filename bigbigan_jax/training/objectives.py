@@ -86,6 +86,14 @@ class BigBiGAN:
     del labels
     return z
 
+  def g_labels(self, labels, step):
+    del step
+    return labels
+
+  def g_regulariser(self, fake_x, z, step):
+    del fake_x, z, step
+    return 0.0, {}
+
   def d_inputs(self, real: RealPairs, fake_x, fake_c, key):
     """What D scores in its update: the real pairs, then the fake ones."""
     del key
@@ -163,6 +171,8 @@ class BigGAN:
   translate: int = 0
   cutout: float = 0.0
   lecam: float = 0.0
+  mode_seeking: float = 0.0
+  mode_seeking_from: int = 0
 
   eg_networks = (G,)
   console_keys = ("d_loss", "eg_loss", "d_accuracy", "g_loss")
@@ -177,6 +187,30 @@ class BigGAN:
   def fake_condition(self, z, labels):
     del z
     return labels
+
+  def _seeking(self, step):
+    """Whether the update from train step `step` (a traced scalar) has mode seeking on."""
+    return step >= self.mode_seeking_from
+
+  def g_labels(self, labels, step):
+    """The labels G draws for in its own update: with `mode_seeking` on, sample 2q + 1
+    takes sample 2q's label, so that each pair differs in z alone."""
+    if not self.mode_seeking or labels is None:
+      return labels
+    paired = jnp.repeat(labels[::2], 2)[:labels.shape[0]]
+    return jnp.where(self._seeking(step), paired, labels)
+
+  def g_regulariser(self, fake_x, z, step):
+    """With `mode_seeking` = ν > 0, from step `mode_seeking_from` on, ν over the mean
+    absolute difference of the images of `g_labels`' pairs divided by that of their latents
+    (Mao et al. 2019): G may not map two latents of one class to nearly one image."""
+    if not self.mode_seeking:
+      return 0.0, {}
+    n = fake_x.shape[0] // 2 * 2
+    x, z = fake_x[:n], z[:n]
+    ratio = jnp.mean(jnp.abs(x[0::2] - x[1::2])) / jnp.mean(jnp.abs(z[0::2] - z[1::2]))
+    loss = jnp.where(self._seeking(step), self.mode_seeking / (ratio + 1e-5), 0.0)
+    return loss, {"g_diversity": ratio, "g_mode_seeking": loss}
 
   def d_inputs(self, real: RealPairs, fake_x, fake_c, key):
     """The real pairs, the fake ones and, with `wrong_label_ranking`, each real image again
@@ -283,7 +317,8 @@ def build(nets: networks.Networks, loss: ml_collections.ConfigDict) -> Objective
                     image_reconstruction_trains_g=loss.image_reconstruction_trains_g)
   return BigGAN(nets, wrong_label_ranking=float(loss.wrong_label_ranking),
                 translate=int(loss.translate), cutout=float(loss.cutout),
-                lecam=float(loss.lecam))
+                lecam=float(loss.lecam), mode_seeking=float(loss.mode_seeking),
+                mode_seeking_from=int(loss.mode_seeking_from))
 
 
 def sigma_metrics(objective: Objective, model_state: dict) -> dict:

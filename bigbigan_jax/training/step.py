@@ -168,13 +168,16 @@ def eg_microbatch(ge_params, model_state, mb: dict, keys, *, state: state_lib.Tr
 
   def loss_fn(ge):
     params = {**state.params, **ge}
+    labels = objective.g_labels(mb["fake_labels"], state.step)
     fake, g_state = nets.generator.apply({"params": ge[G], **model_state[G]}, mb["z"],
-                                         mb["fake_labels"], train=True,
-                                         mutable=["spectral", "batch_stats"])
+                                         labels, train=True, mutable=["spectral", "batch_stats"])
     real = objective.real_pairs(params, model_state, mb["images"], mb["labels"], noise_key)
     loss, terms = objective.eg_loss(
-        score, real, fake, objective.fake_condition(mb["z"], mb["fake_labels"]), params,
-        model_state, regression_key)
+        score, real, fake, objective.fake_condition(mb["z"], labels), params, model_state,
+        regression_key)
+    g_reg, g_terms = objective.g_regulariser(fake, mb["z"], state.step)
+    if g_terms:  # The objective has a term on G's samples alone (BigGAN's mode seeking).
+      loss, terms = loss + g_reg, {**terms, **g_terms}
     new_state = {G: g_state, **real.new_state}
     if ortho_fn is None:
       return loss, ({"eg_loss": loss, **terms}, new_state)
