@@ -8,7 +8,8 @@ EMA of G); everything in which they differ is an objective, built once with the 
             signed sum of the scores (`losses.bigbigan_eg_loss`).
   BigGAN    real pairs (x, y) against fake pairs (G(z, y'), y') through D's projection head,
             BigGAN's hinge (`losses.d_hinge`), optionally D's ranking of real images' own
-            labels over wrong ones; G alone learns, from its samples' scores.
+            labels over wrong ones; G alone learns, from its samples' scores and optionally
+            from how far apart its samples of one class lie (mode seeking).
 
 Signs, scales and the ablation switches are in docs/design.md ("Losses").
 """
