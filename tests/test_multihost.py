@@ -4,16 +4,19 @@ one host (this process, 8 devices);
 SIGTERM to one stops both after the same step, and the resumed run equals an uninterrupted
 one bit for bit; a host killed ends the other within the bound, with the message.
 
-One uninterrupted two-host run (a module fixture) serves as the reference of the first two
-tests: each two-host run costs minutes here, most of them start-up.
+One two-host run (a module fixture) serves all three tests: each two-host run costs minutes
+here, most of them start-up. It trains past step STEPS without a stop, keeping a checkpoint
+every 2 steps (the references of the first two tests), and then loses a host (the third).
 """
 
+import ast
 import os
 import pathlib
 import re
 import shutil
 import signal
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -34,8 +37,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 6  # Each two-host step takes seconds here: hundreds of gloo collectives over TCP.
 # Two D updates a step: each host feeds its half of both real batches. Each update averages
 # two micro-batches (gradient accumulation), each spread over both hosts' devices.
-# The EMA from step 0 at decay 0.5, as test_accumulation's 8-device test: the one-host
-# reference below then runs the step and init that test compiled (the EMA is not compared).
+# The step of train_steps.LIFECYCLE_RUN (the EMA from step 0 at decay 0.5 included): the
+# one-host reference below runs the program the single-host tests of a run's life compile.
 RUN = (f"num_train_steps={STEPS}", "log_every_steps=4", "checkpoint_every_steps=100",
        "optim.d_steps=2", "batch_size=16", "optim.microbatches=2", "ema.start_step=0",
        "ema.decay=0.5")
@@ -51,14 +54,59 @@ def _wait(procs, logs, timeout=900):
     assert proc.wait(timeout=timeout) == 0, pathlib.Path(log).read_text()[-3000:]
 
 
+class _Run(NamedTuple):
+  workdir: pathlib.Path  # Checkpoints 2, 4, ..., STEPS (and perhaps one after) of a run
+  #   uninterrupted up to step STEPS.
+  lost_exit_code: int  # Process 0's exit status after process 1 was killed.
+  lost_exit_s: float  # Seconds from the kill to process 0's exit.
+  lost_log: str  # Process 0's console.
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  """Two hosts trained to step STEPS without a stop, keeping their step-2 checkpoint."""
+  """Two hosts trained without a stop to step STEPS and on (checkpoints every 2 steps, every
+  one kept), until step STEPS's checkpoint is whole; then process 1 is killed, and process 0
+  must end on its own, within the bound, with the lost-process message."""
   base = tmp_path_factory.mktemp("uninterrupted")
   logs = [base / f"host{i}.log" for i in range(2)]
-  _wait(_hosts(base / "run", logs, *RUN, "checkpoint_every_steps=2",
-               f"keep_checkpoints={STEPS}"), logs)
-  return base / "run"
+  workdir = base / "run"
+  hosts = _hosts(workdir, logs, *RUN, "num_train_steps=100000", "log_every_steps=2",
+                 "checkpoint_every_steps=2", "keep_checkpoints=100",
+                 "lost_process_timeout_s=30.0")
+  # orbax writes a step into a temporary folder and renames it when every host is done.
+  deadline = time.monotonic() + 900
+  while not (workdir / "checkpoints" / str(STEPS)).is_dir():
+    assert time.monotonic() < deadline, "no checkpoint of step STEPS after 900 s"
+    ended = [p for p in hosts if p.poll() is not None]
+    assert not ended, logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+    time.sleep(0.05)
+  hosts[1].kill()
+  killed = time.monotonic()
+  code = hosts[0].wait(timeout=300)
+  return _Run(workdir, code, time.monotonic() - killed, logs[0].read_text())
+
+
+def _checkpoint(run: _Run, step: int, config, tmp_path) -> dict:
+  """{key path: array} of the run's parameters at `step`, restored here (on this process's 8
+  devices) from a copy of its workdir that holds no later step."""
+  copy = tmp_path / f"step{step}"
+  shutil.copytree(run.workdir, copy)
+  for name in os.listdir(copy / "checkpoints"):
+    if name != str(step):
+      shutil.rmtree(copy / "checkpoints" / name)
+  prepared = loop.prepare(config, str(copy))
+  assert prepared.resume_step == step
+  return _by_path(prepared.resumed_state.params)
+
+
+def _config(**overrides):
+  """The config of tests/multihost_worker.py with RUN (and `overrides`)."""
+  config = config_lib.load(str(ROOT / "configs" / "tiny.py:lifecycle"))
+  config.optim.eps = 1e-4  # As tests/multihost_worker.py.
+  config.update_from_flattened_dict({"sample_every_steps": 100, **{
+      key: ast.literal_eval(value) for key, value in (arg.split("=", 1) for arg in RUN)},
+                                     **overrides})
+  return config
 
 
 def _by_path(params) -> dict:
@@ -70,25 +118,11 @@ def _by_path(params) -> dict:
 def test_two_processes_match_one_process(tmp_path, uninterrupted):
   # One process with this test process's 8 CPU devices, the same global batch: trained here,
   # which costs a trace and a compile rather than a process's start-up (imports, init).
-  config = config_lib.load(str(ROOT / "configs" / "tiny.py:lifecycle"))
-  config.optim.eps = 1e-4  # As tests/multihost_worker.py.
-  config.update_from_flattened_dict({"num_train_steps": 2, "sample_every_steps": 100,
-                                     "optim.d_steps": 2, "batch_size": 16,
-                                     "optim.microbatches": 2, "ema.start_step": 0,
-                                     "ema.decay": 0.5})
+  config = _config(num_train_steps=2)
   assert jax.device_count() == 8
-  state = train.train_and_evaluate(config, str(tmp_path / "one_host"))
-  one = _by_path(state.params)
-  # The two hosts' parameters after step 2, read back from their checkpoint (the newest once
-  # the later ones are left out of a copy).
-  two_hosts = tmp_path / "two_hosts"
-  shutil.copytree(uninterrupted, two_hosts)
-  for step in os.listdir(two_hosts / "checkpoints"):
-    if step != "2":
-      shutil.rmtree(two_hosts / "checkpoints" / step)
-  prepared = loop.prepare(config, str(two_hosts))
-  assert prepared.resume_step == 2
-  two = _by_path(prepared.resumed_state.params)
+  one = _by_path(train.train_and_evaluate(config, str(tmp_path / "one_host")).params)
+  # The two hosts' parameters after step 2, read back from their checkpoint.
+  two = _checkpoint(uninterrupted, 2, config, tmp_path)
   assert sorted(two) == sorted(one) and len(one) > 50
   for key, value in one.items():
     # 2 x 2 devices against 8 reduce in other orders: on an AMD EPYC host one weight of 176
@@ -111,30 +145,22 @@ def test_sigterm_to_one_of_two_hosts_stops_both_at_one_step_and_resumes_exactly(
   assert steps[0] == steps[1] < STEPS
   assert os.listdir(run / "checkpoints") == [str(steps[0])]
 
-  # Rerun both: they resume, and end where the uninterrupted run did.
+  # Rerun both: they resume, and end where the uninterrupted run was at step STEPS.
   logs = [tmp_path / f"resume{i}.log" for i in range(2)]
   _wait(_hosts(run, logs, *RUN), logs)
   assert re.search(rf"Resuming from \S+ at step {steps[0]}\.", logs[0].read_text())
-  resumed, reference = np.load(f"{run}.npz"), np.load(f"{uninterrupted}.npz")
-  assert sorted(resumed.files) == sorted(reference.files) and len(resumed.files) > 50
+  resumed = np.load(f"{run}.npz")
+  reference = _checkpoint(uninterrupted, STEPS, _config(), tmp_path)
+  assert sorted(resumed.files) == sorted(reference) and len(reference) > 50
   for key in resumed.files:
     np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)
 
 
-def test_a_lost_host_ends_the_other_with_the_message(tmp_path):
-  logs = [tmp_path / f"host{i}.log" for i in range(2)]
-  # RUN's model and batch: process 0 loads the programs the runs above compiled.
-  hosts = _hosts(tmp_path / "run", logs, *RUN, "num_train_steps=100000", "log_every_steps=2",
-                 "checkpoint_every_steps=5", "lost_process_timeout_s=30.0")
-  wait_for(logs[0], r"step 2/100000", hosts)
-  wait_for(logs[1], r"step 2/100000", hosts)
-  hosts[1].kill()
-  killed = time.monotonic()
-  code = hosts[0].wait(timeout=300)
-  took = time.monotonic() - killed
-  text = logs[0].read_text()
-  print(f"the survivor exited {took:.1f} s after the kill, status {code}")
-  assert code == faults.EXIT_LOST_PROCESS, text[-3000:]
+def test_a_lost_host_ends_the_other_with_the_message(uninterrupted):
+  # Process 1 was killed once the run had saved step STEPS (the fixture).
+  text, took = uninterrupted.lost_log, uninterrupted.lost_exit_s
+  print(f"the survivor exited {took:.1f} s after the kill, status {uninterrupted.lost_exit_code}")
+  assert uninterrupted.lost_exit_code == faults.EXIT_LOST_PROCESS, text[-3000:]
   assert took < 120
   assert "another process has most likely died" in text or "has not been heard from" in text
   assert "Rerun the same command on every host to resume" in text
