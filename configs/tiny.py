@@ -39,6 +39,10 @@ def get_config(variant: str = "bigbigan"):
   config.data.shuffle_buffer = 64
 
   config.optim.d_steps = 2
+  # Adam's eps at 1e-4, not BigGAN's 1e-8: Adam's first update is about lr * sign(grad), and
+  # at 1e-8 the tiny nets' many near-zero gradients turn float rounding (another device count,
+  # layout or CPU) into whole steps of +-lr, so runs that should agree would not.
+  config.optim.eps = 1e-4
   config.ema.start_step = 2
   config.ema.decay = 0.9
 

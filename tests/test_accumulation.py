@@ -13,6 +13,7 @@ import optax
 import pytest
 from test_train import tiny
 from train_steps import flat
+from train_steps import initial_state
 
 from bigbigan_jax import sharding
 from bigbigan_jax.models import networks
@@ -70,13 +71,16 @@ def test_step_applies_the_mean_of_the_microbatch_gradients(monkeypatch, variant,
   # A regulariser 1e4 x BigGAN's, so that counting it per micro-batch would show.
   config = tiny(variant, optim__d_steps=1, optim__microbatches=K, loss__ortho_beta=1.0)
   config.loss.update(loss)
-  monkeypatch.setattr(state_lib, "make_optimizers",
-                      lambda _: (_recording_optimizer(), _recording_optimizer()))
   nets = networks.build(config.model)
   objective = objectives.build(nets, config.loss)
-  # Jitted, as the references below: eagerly, each operation would be compiled on its own.
-  state = jax.jit(functools.partial(state_lib.init_train_state, nets=nets, config=config))(
-      jax.random.PRNGKey(0))
+  # PRNGKey(0)'s init by the program other tests run (the optimiser's state aside), with the
+  # recording optimiser's state in place of Adam's: zeros shaped as what each one updates.
+  state = initial_state(config)
+  zeros = lambda tree: jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), tree)
+  state = state.replace(opt_d=zeros(state.params[D]), opt_ge=zeros(
+      {name: state.params[name] for name in objective.eg_networks}))
+  monkeypatch.setattr(state_lib, "make_optimizers",
+                      lambda _: (_recording_optimizer(), _recording_optimizer()))
   batch = _batch(config, nets)
   new_state, metrics = jax.jit(functools.partial(step_lib.train_step, nets=nets,
                                                  config=config))(state, batch)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from PIL import Image
 import pytest
+from train_steps import LIFECYCLE_FLAGS
 from train_steps import tensorboard_scalars
 
 from bigbigan_jax import config as config_lib
@@ -231,8 +232,9 @@ def test_train_then_eval_mode_end_to_end(tmp_path):
                  "--config.eval.batch_size=16"]
   # Training runs config.evals at the end; FID without weights is skipped, not fatal.
   # Evaluated at both steps, keeping the newest checkpoint and the best by the probe.
-  out = _run_main("--config=configs/tiny.py", f"--workdir={workdir}",
-                  "--config.num_train_steps=2", "--config.evals=('linear_probe','fid')",
+  # The 16 px BigBiGAN of the tests of a run's life, whose step program they share.
+  config = ("--config=configs/tiny.py:lifecycle", *LIFECYCLE_FLAGS)
+  out = _run_main(*config, f"--workdir={workdir}", "--config.num_train_steps=2", "--config.evals=('linear_probe','fid')",
                   "--config.eval_every_steps=1", "--config.keep_checkpoints=1",
                   "--config.keep_best=1", "--config.keep_best_metric=probe/avepool_feat/top1",
                   *small_probe)
@@ -241,8 +243,9 @@ def test_train_then_eval_mode_end_to_end(tmp_path):
   # The first line of ours says what the run will do; the last, where its results are.
   ours = [line.split("] ", 1)[1] for line in out.stderr.splitlines()
           if ".py:" in line and "] " in line]
-  assert ours[0] == (f"Training bigbigan (configs/tiny.py) on digits[train] for 2 steps at batch "
-                     f"8, on 8 cpu device(s) in 1 process(es), in {workdir}."), ours[0]
+  assert ours[0] == (f"Training bigbigan (configs/tiny.py:lifecycle) on digits[train] for 2 "
+                     f"steps at batch 16 in 2 micro-batches, on 8 cpu device(s) in 1 "
+                     f"process(es), in {workdir}."), ours[0]
   assert ours[-1].startswith(f"Done. In {workdir}: samples/ and reconstructions/"), ours[-1]
   trained = json.loads((workdir / "eval" / "step_0000002.json").read_text())
   assert trained["step"] == 2 and "probe/avepool_feat/top1" in trained["results"]
@@ -254,7 +257,7 @@ def test_train_then_eval_mode_end_to_end(tmp_path):
   assert kept == sorted({2, best}), (kept, top1)
 
   os.remove(workdir / "eval" / "step_0000002.json")
-  out = _run_main("--mode=eval", "--config=configs/tiny.py", f"--workdir={workdir}",
+  out = _run_main("--mode=eval", *config, f"--workdir={workdir}",
                   "--config.eval.probe_baselines=True", *small_probe)
   assert out.returncode == 0, out.stderr[-3000:]
   printed = json.loads(out.stdout[out.stdout.index("{"):])

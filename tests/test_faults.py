@@ -1,4 +1,4 @@
-"""Faults a pod run meets, on the CPU, with 4 micro-batches an update: SIGTERM and `kill -9`
+"""Faults a pod run meets, on the CPU, with 2 micro-batches an update: SIGTERM and `kill -9`
 of a single host mid-save, damaged checkpoints, the lost-process watch
 (bigbigan_jax/training/faults.py and checkpoint.restore_newest_intact). Two hosts:
 test_multihost.py."""
@@ -20,6 +20,7 @@ from processes import stopped_at
 from processes import wait_for
 from test_train import tiny
 from train_steps import flat
+from train_steps import LIFECYCLE_FLAGS
 from train_steps import LIFECYCLE_RUN
 
 from bigbigan_jax import train
@@ -53,7 +54,7 @@ def _damage(step_dir: pathlib.Path, how: str):
 # overrides, and their final params are compared bit for bit.
 RUN = LIFECYCLE_RUN
 STEPS = RUN["num_train_steps"]
-FLAGS = tuple(f"--config.{key.replace('__', '.')}={value}" for key, value in RUN.items())
+FLAGS = LIFECYCLE_FLAGS
 
 
 def _config(**overrides):

@@ -22,7 +22,9 @@ def _setup(load_config, **optim):
   # The 16 px tiny BigBiGAN (its step compiles in about half the time), with 2 D updates a
   # step unless told otherwise, and all three scores hinged.
   config = load_config("tiny.py:lifecycle")
-  config.optim.update({"d_steps": 2, **optim})
+  # BigGAN's Adam eps (the tiny configs' is 1e-4): Adam's first update is then -lr · sign(g)
+  # for all but the smallest gradients, which the sign check below counts on.
+  config.optim.update({"d_steps": 2, "eps": 1e-8, **optim})
   nets = networks.build(config.model)
   state = initial_state(config)
   rng = np.random.default_rng(0)

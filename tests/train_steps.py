@@ -14,11 +14,16 @@ from bigbigan_jax.training import step as step_lib
 # The runs of the tests of a run's life (resume, rollback, damaged checkpoints, signals, the
 # bucket): configs/tiny.py:lifecycle with these overrides, in this process or through the
 # entry point, on the 8 CPU devices. One set, so that they all run one step program, compiled
-# by the first and loaded from the persistent cache by the others. Each update averages 4
-# micro-batches (gradient accumulation): resuming must not change which examples, latents or
-# noise each micro-batch gets.
+# by the first and loaded from the persistent cache by the others; it is also the program of
+# test_accumulation's 8-device test and test_multihost's one-host reference (two D updates a
+# step, each averaging 2 micro-batches, the EMA from step 0 at decay 0.5). Resuming must not
+# change which examples, latents or noise each micro-batch gets.
 LIFECYCLE_RUN = {"num_train_steps": 12, "log_every_steps": 4, "sample_every_steps": 1000,
-                 "batch_size": 32, "optim__microbatches": 4}
+                 "batch_size": 16, "optim__microbatches": 2, "optim__d_steps": 2,
+                 "ema__start_step": 0, "ema__decay": 0.5}
+# The same, as the entry point's flags.
+LIFECYCLE_FLAGS = tuple(f"--config.{key.replace('__', '.')}={value}"
+                        for key, value in LIFECYCLE_RUN.items())
 
 
 def tensorboard_scalars(directory) -> dict:
