@@ -143,18 +143,39 @@ class HashableTree:
 
 
 def make_init_fn(nets, config, abstract_state):
-  """jit(init_train_state) that creates every array directly in its sharding.
+  """rng → the initial train state, every array in its sharding of `abstract_state`.
 
-  The same networks, settings and shardings give the same jitted function, so a notebook (or
-  a test) that starts a second run in the process does not trace and load it again.
+  A replicated state (every run without `shard_params`) is computed by one program on one
+  device and copied to every device: the same program on any mesh, device count or number
+  of hosts, so it is compiled once per model and settings rather than once per mesh. A state
+  with sharded leaves is created directly in its sharding by jit(init_train_state), so that
+  no device ever holds all of it.
+
+  The same networks, settings and shardings give the same function, so a notebook (or a test)
+  that starts a second run in the process does not trace and load it again.
   """
-  return _jit_init(nets, step_settings(config), HashableTree(shardings_of(abstract_state)))
+  settings, shardings = step_settings(config), shardings_of(abstract_state)
+  if all(s.is_fully_replicated for s in jax.tree_util.tree_leaves(shardings)):
+    return functools.partial(_replicate, _jit_init(nets, settings, None), HashableTree(shardings))
+  return _jit_init(nets, settings, HashableTree(shardings))
 
 
 @functools.lru_cache(maxsize=8)
-def _jit_init(nets, settings, shardings: HashableTree):
+def _jit_init(nets, settings, shardings: HashableTree | None):
+  """jit(init_train_state): with `shardings`, created in them; without, on the default
+  device."""
   return jax.jit(functools.partial(init_train_state, nets=nets, config=settings),
-                 out_shardings=shardings.tree)
+                 out_shardings=None if shardings is None else shardings.tree)
+
+
+def _replicate(init, shardings: HashableTree, rng):
+  """`init`(rng) on this process's default device, copied to every device of `shardings`
+  (replicated ones) that this process holds. Every process computes the same state from the
+  same rng, so together they hold one global array per leaf."""
+  local = jax.device_get(init(rng))
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+      local, shardings.tree)
 
 
 class Setup(NamedTuple):
