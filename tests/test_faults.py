@@ -62,7 +62,7 @@ def _config(**overrides):
   return tiny("lifecycle", **RUN, **overrides)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # test_storage's reference too, when in the same worker.
 def uninterrupted(tmp_path_factory):
   """A workdir of the tiny config trained to step STEPS without a stop (checkpoints 8 and
   12), the reference of every single-host test. Trained in this process: only the tests of

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_steps import initial_state
 
 from bigbigan_jax import config as config_lib
 from bigbigan_jax.models import encoder as encoder_lib
@@ -17,9 +18,13 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 @functools.lru_cache(maxsize=None)
 def _tiny(variant):
+  """The networks of configs/tiny.py:VARIANT and their variables: the initial train state's
+  (the init program the step tests compile), as {network: {"params", "spectral", ...}}."""
   config = config_lib.load(str(CONFIGS / f"tiny.py:{variant}"))
   nets = networks.build(config.model)
-  return nets, jax.jit(nets.init, static_argnums=1)(jax.random.PRNGKey(0), 4)
+  state = initial_state(config)
+  return nets, {name: {"params": params, **state.model_state[name]}
+                for name, params in state.params.items()}
 
 
 @pytest.mark.slow
