@@ -145,12 +145,13 @@ def test_documents_and_comments_cite_only_files_the_repository_holds():
 
 # How the project was made is no name for a figure or a change: a figure is named by its
 # commit, date, config or machine. These catch a numbered step of the work and a working
-# sitting of that name; a Unix one (setsid, a process's own) is a different thing. The
-# examples below are assembled at run time, so this file passes its own check.
+# sitting of that name; a Unix one (setsid, a process's own) and pytest's fixture scope are
+# different things. The examples below are assembled at run time, so this file passes its own
+# check.
 _STOP, _SESSION = "st" + "op", "sess" + "ion"
 HISTORY_WORDS = re.compile(rf"\b{_STOP}s? \d+\b|\b{_SESSION}\b", re.IGNORECASE)
-UNIX_SESSION = re.compile(rf"own {_SESSION}|{_SESSION} of its own|new_{_SESSION}|setsid",
-                          re.IGNORECASE)
+UNIX_SESSION = re.compile(rf"own {_SESSION}|{_SESSION} of its own|new_{_SESSION}|setsid|"
+                          rf"scope=\"{_SESSION}\"", re.IGNORECASE)
 
 
 def _history_words(name: str, text: str) -> list[tuple[str, int, str]]:
@@ -163,7 +164,8 @@ def test_the_repository_speaks_of_the_project_not_of_how_it_was_made():
            f"{_STOP.title()} 7 made it faster"]
   assert _history_words("x.txt", "\n".join(lines)) == [
       ("x.txt", i + 1, line) for i, line in enumerate(lines)]
-  assert not _history_words("x.sh", f"setsid gives it a {_SESSION} of its own\nround 5, R4")
+  assert not _history_words("x.sh", f"setsid gives it a {_SESSION} of its own\nround 5, R4\n"
+                                    f'@pytest.fixture(scope="{_SESSION}")')
   tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
   found = []
